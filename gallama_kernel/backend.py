@@ -1,0 +1,129 @@
+"""The backend contract: what every inference engine plugin implements.
+
+Modelled on an engine client: the kernel renders prompts, counts tokens and shapes responses; the backend owns
+the engine, its memory and its scheduling, and streams :class:`GenerationEvent` objects.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from .config import ModelSpec
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request. ``temperature == 0`` means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: prompt tokens in, text events out.
+
+    ``stop`` strings end the generation and are never part of the emitted text; ``max_tokens`` caps the
+    completion tokens (``finish_reason="length"``).
+    """
+
+    request_id: str
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationEvent:
+    """A piece of generated text; the last event of a stream has ``finish_reason`` set and the final counts."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded backend can do; the kernel refuses requests that need something missing."""
+
+    chat: bool = True
+    embeddings: bool = False
+    grammar_kinds: frozenset[str] = frozenset()
+    batching: bool = False
+    speculative: bool = False
+    max_concurrency: int = 1
+
+
+ProgressCallback = Callable[[float], None]
+
+
+class BackendError(RuntimeError):
+    """A backend could not load or serve; the message is shown to the operator."""
+
+
+class Backend(abc.ABC):
+    """An inference engine serving one model."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        """Load the model; call ``progress(fraction)`` as it goes. Raise :class:`BackendError` on failure."""
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Generate; closing the iterator early aborts the generation and frees its resources."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Tokens of ``text``; special-token text (``<|im_start|>``) is read as the special token."""
+
+    @abc.abstractmethod
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of ``tokens``."""
+
+    @property
+    @abc.abstractmethod
+    def context_length(self) -> int:
+        """Most tokens (prompt + completion) one request may use."""
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template, or ``None`` (the kernel then uses ChatML)."""
+        return None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Texts of ``bos_token`` / ``eos_token`` for the chat template."""
+        return {}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def abort(self, request_id: str) -> None:  # noqa: B027 - optional for engines without queues
+        """Stop a running generation as soon as possible."""
+
+    def health(self) -> dict[str, object]:
+        return {"status": "ok"}
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release the engine."""

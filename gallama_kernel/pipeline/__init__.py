@@ -1,0 +1,1 @@
+"""The request path: request → plan → prompt → backend stream → transformers → response."""

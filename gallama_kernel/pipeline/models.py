@@ -1,0 +1,51 @@
+"""The models this process serves, by name and alias."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..backend import Backend
+from ..protocol.errors import ModelNotFound
+from .prompt import PromptRenderer
+
+
+@dataclass
+class ServedModel:
+    name: str
+    backend: Backend
+    aliases: list[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+    renderer: PromptRenderer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens)
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self._lookup: dict[str, str] = {}
+
+    def add(self, model: ServedModel) -> None:
+        for key in (model.name, *model.aliases):
+            if key in self._lookup:
+                raise ValueError(f"model name '{key}' is already served")
+        self._models[model.name] = model
+        for key in (model.name, *model.aliases):
+            self._lookup[key] = model.name
+
+    def get(self, name: str) -> ServedModel:
+        key = self._lookup.get(name)
+        if key is None:
+            raise ModelNotFound(name, sorted(self._lookup))
+        return self._models[key]
+
+    def all(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def close(self) -> None:
+        for model in self._models.values():
+            model.backend.close()
+        self._models.clear()
+        self._lookup.clear()

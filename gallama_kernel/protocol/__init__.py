@@ -1,0 +1,1 @@
+"""Wire formats: OpenAI requests, responses, stream chunks and errors."""

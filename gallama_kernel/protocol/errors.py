@@ -1,0 +1,49 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An error returned to the client with ``status`` and OpenAI's error body."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(f"The model '{model}' does not exist. Available models: {', '.join(available) or 'none'}",
+                         param="model", code="model_not_found")
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "server_error"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

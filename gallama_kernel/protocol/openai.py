@@ -1,0 +1,166 @@
+"""OpenAI request models, validated strictly: an unknown field is refused, never ignored.
+
+Fields that plugins declare through ``register_request_fields`` are accepted and land in ``extensions``.
+Fields of the OpenAI protocol that gallama cannot honour yet are refused with a 400 that names them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, model_validator
+
+from .errors import InvalidRequest
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Strict(BaseModel):
+    """Common behaviour: plugin fields go to ``extensions``; anything else unknown is a 400."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="after")
+    def _plugin_fields(self, info: ValidationInfo) -> _Strict:
+        declared = (info.context or {}).get("fields", {})
+        for name, value in (self.model_extra or {}).items():
+            if name not in declared:
+                raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
+                                     code="unknown_field")
+            try:
+                self.extensions[name] = TypeAdapter(declared[name].annotation).validate_python(value)
+            except ValidationError as error:
+                raise InvalidRequest(f"Invalid value for '{name}': {error.errors()[0]['msg']}", param=name) from None
+        return self
+
+    def refuse_unsupported(self) -> None:
+        """Refuse OpenAI options this server does not honour, naming them."""
+        if getattr(self, "n", 1) != 1:
+            raise InvalidRequest("Only n=1 is supported.", param="n")
+        if getattr(self, "logprobs", None) not in (None, False, 0):
+            raise InvalidRequest("logprobs are not supported.", param="logprobs")
+        if getattr(self, "top_logprobs", None):
+            raise InvalidRequest("top_logprobs are not supported.", param="top_logprobs")
+        if getattr(self, "logit_bias", None):
+            raise InvalidRequest("logit_bias is not supported.", param="logit_bias")
+
+
+class SamplingFields(_Strict):
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_words: str | list[str] | None = Field(default=None, description="gallama: alias of stop.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+    user: str | None = None
+    logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @property
+    def stop_list(self) -> list[str]:
+        found: list[str] = []
+        for value in (self.stop, self.stop_words):
+            if isinstance(value, str):
+                found.append(value)
+            elif value:
+                found.extend(value)
+        return [s for s in dict.fromkeys(found) if s]
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    leading_prompt: str | None = Field(default=None, description="gallama: text that opens the assistant turn.")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.response_format and self.response_format.get("type") != "text":
+            raise InvalidRequest(f"response_format type '{self.response_format.get('type')}' is not supported.",
+                                 param="response_format")
+        if self.tools:
+            raise InvalidRequest("tools are not supported by this server yet.", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise InvalidRequest("tool_choice needs tools, which are not supported yet.", param="tool_choice")
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.suffix:
+            raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("Only best_of=1 is supported.", param="best_of")
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+            raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
+
+
+def validate_request(model: type[_Strict], body: Any, fields: dict[str, Any]) -> Any:
+    """Validate a decoded JSON body, turning pydantic errors into a 400 naming the first bad field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        request = model.model_validate(body, context={"fields": fields})
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from None
+    request.refuse_unsupported()
+    return request

@@ -1,0 +1,3 @@
+"""llama.cpp backend for gallama."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The ``llama_cpp`` backend: a GGUF model served by one continuous-batching engine loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import llama_cpp as ll
+
+from gallama_kernel.backend import (
+    Backend,
+    BackendError,
+    Capabilities,
+    GenerationEvent,
+    GenerationRequest,
+    ProgressCallback,
+)
+from gallama_kernel.config import ModelSpec
+
+from .engine import Engine, EngineConfig, Job
+from .model import LlamaModel
+
+CACHE_TYPES = {"FP16": ll.GGML_TYPE_F16, "Q8": ll.GGML_TYPE_Q8_0, "Q4": ll.GGML_TYPE_Q4_0}
+DEFAULT_SLOTS = 4
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+def default_threads() -> int:
+    """Decode threads: all cores the process may use (measured fastest for small models on 2 cores)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def plan_cache(spec: ModelSpec, n_ctx_train: int) -> tuple[int, int]:
+    """(slots, tokens per slot) from ``max_concurrent_requests``, ``max_seq_len`` and ``cache_size``.
+
+    The cache holds ``slots x tokens per slot`` cells; every slot owns its share, so a request never waits
+    for cache space once it runs.
+    """
+    if spec.max_seq_len and spec.max_seq_len > n_ctx_train:
+        raise BackendError(f"max_seq_len={spec.max_seq_len} exceeds the model's training context {n_ctx_train}")
+    seq_len = spec.max_seq_len or min(n_ctx_train, DEFAULT_MAX_SEQ_LEN)
+    slots = spec.max_concurrent_requests
+    if spec.cache_size:
+        if slots is None:
+            slots = max(1, spec.cache_size // seq_len)
+        if spec.max_seq_len is None:
+            seq_len = min(seq_len, spec.cache_size // slots)
+        if slots * seq_len > spec.cache_size:
+            raise BackendError(f"cache_size={spec.cache_size} cannot hold {slots} requests of max_seq_len="
+                               f"{seq_len} tokens; raise cache_size to {slots * seq_len} or lower the others")
+        if seq_len < 16:
+            raise BackendError(f"cache_size={spec.cache_size} leaves {seq_len} tokens per request")
+    return slots or DEFAULT_SLOTS, seq_len
+
+
+class LlamaCppBackend(Backend):
+    name = "llama_cpp"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.model: LlamaModel | None = None
+        self.engine: Engine | None = None
+        self._jobs: dict[str, Job] = {}
+
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        spec = self.spec
+        if not spec.model_path:
+            raise BackendError("no model file given")
+        quant = spec.cache_quant or "FP16"
+        if quant not in CACHE_TYPES:
+            raise BackendError(f"cache_quant={quant} is not available in llama.cpp; use one of "
+                               f"{', '.join(CACHE_TYPES)}")
+        gpu_layers = 0
+        if spec.gpus:
+            if not ll.llama_supports_gpu_offload():
+                raise BackendError("gpus= was given but this llama.cpp build has no GPU support; "
+                                   "omit gpus to run on the CPU")
+            gpu_layers = -1
+        self.model = LlamaModel(spec.model_path, progress, n_gpu_layers=gpu_layers)
+        slots, seq_len = plan_cache(spec, self.model.n_ctx_train)
+        config = EngineConfig(n_slots=slots, n_ctx_per_slot=seq_len, n_threads=spec.n_threads or default_threads(),
+                              type_k=CACHE_TYPES[quant], type_v=CACHE_TYPES[quant])
+        try:
+            self.engine = Engine(self.model, config)
+        except RuntimeError as error:
+            raise BackendError(str(error)) from None
+
+    def _require(self) -> tuple[LlamaModel, Engine]:
+        if self.model is None or self.engine is None:
+            raise BackendError("model is not loaded")
+        return self.model, self.engine
+
+    @property
+    def context_length(self) -> int:
+        return self._require()[1].config.n_ctx_per_slot
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._require()[0].chat_template
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        model = self._require()[0]
+        return {"bos_token": model.bos_text, "eos_token": model.eos_text}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(batching=True, max_concurrency=self._require()[1].config.n_slots)
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self._require()[0].tokenize(text, add_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._require()[0].detokenize(tokens)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        model, engine = self._require()
+        if not request.prompt_tokens:
+            raise BackendError("empty prompt")
+        if any(not 0 <= t < model.n_vocab for t in request.prompt_tokens):
+            raise BackendError(f"prompt has token ids outside 0..{model.n_vocab - 1}")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+
+        def emit(item: GenerationEvent | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                job.cancelled = True
+
+        job = Job(request, emit)
+        self._jobs[request.request_id] = job
+        engine.submit(job)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._jobs.pop(request.request_id, None)
+            engine.cancel(job)
+
+    def abort(self, request_id: str) -> None:
+        job = self._jobs.get(request_id)
+        if job is not None and self.engine is not None:
+            self.engine.cancel(job)
+
+    def health(self) -> dict[str, object]:
+        if self.engine is None:
+            return {"status": "loading"}
+        alive = self.engine.thread.is_alive()
+        return {"status": "ok" if alive else "failed", **self.engine.stats()}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None

@@ -1,0 +1,252 @@
+"""One engine loop per model: owns the llama.cpp context and serves several requests at once.
+
+Each step builds one batch: one token for every decoding slot, then prompt chunks of slots still in prefill
+(limited so that a long prompt cannot stall running streams). New requests join between steps; a finished
+or cancelled request leaves at once. A slot keeps the tokens whose KV it holds, so a new request whose prompt
+shares a prefix with what a free slot holds only computes the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp as ll
+
+from gallama_kernel.backend import GenerationEvent, GenerationRequest
+from gallama_kernel.pipeline.stops import StopMatcher
+
+from .model import LlamaModel
+from .sampling import build_chain
+
+log = logging.getLogger("gallama.llama_cpp")
+
+Emit = Callable[[GenerationEvent | BaseException], None]
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    emit: Emit
+    cancelled: bool = False
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    job: Job | None = None
+    sampler: ll.llama_sampler_p | None = None
+    pending: list[int] = field(default_factory=list)  # tokens to decode next
+    logit_index: int = -1
+    generated: int = 0
+    reused: int = 0
+    stops: StopMatcher | None = None
+    decoder: codecs.IncrementalDecoder | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_slots: int
+    n_ctx_per_slot: int
+    n_threads: int
+    n_batch: int = 512
+    prefill_chunk_while_decoding: int = 128
+    type_k: int = ll.GGML_TYPE_F16
+    type_v: int = ll.GGML_TYPE_F16
+
+
+class Engine:
+    """The engine thread and its request queue."""
+
+    def __init__(self, model: LlamaModel, config: EngineConfig) -> None:
+        self.model = model
+        self.config = config
+        params = ll.llama_context_default_params()
+        params.n_ctx = config.n_ctx_per_slot * config.n_slots
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_batch
+        params.n_seq_max = config.n_slots
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads
+        params.type_k = config.type_k
+        params.type_v = config.type_v
+        params.kv_unified = False  # every slot owns n_ctx_per_slot cells: no request can starve another
+        params.no_perf = True
+        if config.type_v != ll.GGML_TYPE_F16:
+            params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED  # quantized V cache needs it
+        self.ctx = ll.llama_init_from_model(model.ptr, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context (cache too large for memory?)")
+        self.memory = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(config.n_batch, 0, 1)
+        self.slots = [Slot(seq_id=i) for i in range(config.n_slots)]
+        self.waiting: deque[Job] = deque()
+        self.wakeup = threading.Condition()
+        self.running = True
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name="gallama-llama-cpp-engine", daemon=True)
+        self.thread.start()
+
+    # -- called from other threads ---------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self.wakeup:
+            self.waiting.append(job)
+            self.wakeup.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        with self.wakeup:
+            self.wakeup.notify()
+
+    def stats(self) -> dict[str, int]:
+        return {"slots": len(self.slots), "busy": sum(s.job is not None for s in self.slots),
+                "waiting": len(self.waiting), "steps": self.steps}
+
+    def close(self) -> None:
+        with self.wakeup:
+            self.running = False
+            self.wakeup.notify()
+        self.thread.join(timeout=30)
+        for slot in self.slots:
+            self._free_sampler(slot)
+        ll.llama_batch_free(self.batch)
+        ll.llama_free(self.ctx)
+
+    # -- engine thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.wakeup:
+                while self.running and not self.waiting and not any(s.job for s in self.slots):
+                    self.wakeup.wait()
+                if not self.running:
+                    break
+                self._admit()
+            for slot in self.slots:
+                if slot.job is not None and slot.job.cancelled:
+                    self._release(slot)
+            if any(s.job for s in self.slots):
+                try:
+                    self._step()
+                except Exception as error:  # never let one bad step kill the engine
+                    log.exception("engine step failed")
+                    for slot in self.slots:
+                        if slot.job is not None:
+                            slot.job.emit(error)
+                            self._release(slot, keep_cache=False)
+        for slot in self.slots:
+            if slot.job is not None:
+                slot.job.emit(RuntimeError("the model was unloaded"))
+
+    def _admit(self) -> None:
+        """Move waiting jobs (oldest first) into free slots, preferring the slot with the longest shared prefix."""
+        while self.waiting:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self.waiting.popleft()
+            if job.cancelled:
+                continue
+            prompt = job.request.prompt_tokens
+            slot = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+            reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token yields logits
+            ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
+            slot.cached = slot.cached[:reuse]
+            slot.job = job
+            slot.pending = prompt[reuse:]
+            slot.reused = reuse
+            slot.generated = 0
+            slot.sampler = build_chain(job.request.sampling, self.model.n_vocab)
+            slot.stops = StopMatcher(job.request.stop)
+            slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _step(self) -> None:
+        batch, n = self.batch, 0
+        decoding = [s for s in self.slots if s.job is not None and len(s.pending) == 1 and s.generated > 0]
+        prefilling = [s for s in self.slots if s.job is not None and s not in decoding]
+        budget = self.config.n_batch - len(decoding)
+        if decoding:
+            budget = min(budget, self.config.prefill_chunk_while_decoding)
+        fed: list[tuple[Slot, list[int]]] = []
+        for slot in decoding + prefilling:
+            take = slot.pending if slot in decoding else slot.pending[: max(budget, 0)]
+            if not take:
+                slot.logit_index = -1
+                continue
+            if slot not in decoding:
+                budget -= len(take)
+            position = len(slot.cached)
+            for offset, token in enumerate(take):
+                batch.token[n] = token
+                batch.pos[n] = position + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = 0
+                n += 1
+            done = len(take) == len(slot.pending)
+            batch.logits[n - 1] = 1 if done else 0
+            slot.logit_index = n - 1 if done else -1
+            fed.append((slot, take))
+        batch.n_tokens = n
+        status = ll.llama_decode(self.ctx, batch)
+        self.steps += 1
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        for slot, take in fed:
+            slot.cached.extend(take)
+            slot.pending = slot.pending[len(take):]
+        for slot, _ in fed:
+            if slot.logit_index >= 0 and slot.job is not None:
+                self._sample(slot)
+
+    def _sample(self, slot: Slot) -> None:
+        job = slot.job
+        assert job is not None and slot.stops is not None and slot.decoder is not None
+        token = ll.llama_sampler_sample(slot.sampler, self.ctx, slot.logit_index)
+        request = job.request
+        if self.model.is_eog(token):
+            self._finish(slot, slot.decoder.decode(b"", final=True) + slot.stops.flush(), "stop")
+            return
+        slot.generated += 1
+        text, stopped = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
+        if stopped:
+            self._finish(slot, text, "stop")
+        elif slot.generated >= request.max_tokens:
+            tail, _ = slot.stops.feed(slot.decoder.decode(b"", final=True))
+            self._finish(slot, text + tail + slot.stops.flush(), "length")
+        else:
+            slot.pending = [token]
+            if text:
+                job.emit(GenerationEvent(text, slot.generated))
+
+    def _finish(self, slot: Slot, text: str, reason: str) -> None:
+        assert slot.job is not None
+        slot.job.emit(GenerationEvent(text, slot.generated, reason,  # type: ignore[arg-type]
+                                      prompt_tokens=len(slot.job.request.prompt_tokens), cached_tokens=slot.reused))
+        self._release(slot)
+
+    def _release(self, slot: Slot, keep_cache: bool = True) -> None:
+        if not keep_cache:
+            ll.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            slot.cached = []
+        slot.job = None
+        slot.pending = []
+        self._free_sampler(slot)
+
+    @staticmethod
+    def _free_sampler(slot: Slot) -> None:
+        if slot.sampler is not None:
+            ll.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
