@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -97,7 +98,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
         plugin_host = _host(allow, deny)
         registry = load_models(resolve_specs(settings, model, ids), plugin_host)
     except (ConfigError, BackendError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         sys.exit(2)
     app = create_app(registry, plugin_host)
     bind_host, bind_port = host or settings.host, port or settings.port

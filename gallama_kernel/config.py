@@ -65,6 +65,11 @@ class ModelSpec(BaseModel):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("gpus", "aliases", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
@@ -101,7 +106,11 @@ def _format_validation(error: ValidationError, source: str) -> str:
 def parse_id_string(text: str) -> dict[str, str]:
     """Parse ``"model_id=x gpus=1,2"`` into a dict; a token without ``=`` is an error."""
     pairs: dict[str, str] = {}
-    for token in shlex.split(text):
+    try:
+        tokens = shlex.split(text)
+    except ValueError as error:
+        raise ConfigError(f"-id {text!r}: {error}") from None
+    for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or not key:
             raise ConfigError(f"-id {text!r}: '{token}' is not key=value\nValid keys:\n" + describe_keys())

@@ -53,6 +53,7 @@ class PromptRenderer:
         except TemplateRaised as error:
             raise InvalidRequest(f"The conversation does not fit the model's chat template: {error}",
                                  param="messages") from None
-        except TemplateError as error:
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as error:
+            # model templates index messages freely; a conversation they cannot handle is the client's to fix
             raise InvalidRequest(f"The chat template failed on this conversation: {error}",
                                  param="messages") from None

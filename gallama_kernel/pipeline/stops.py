@@ -6,7 +6,9 @@ from __future__ import annotations
 class StopMatcher:
     """Feed generated text; get back what is safe to emit, and whether a stop string was completed.
 
-    Every backend uses this one matcher, so stop semantics are the same on every engine.
+    Every backend uses this one matcher, so stop semantics are the same on every engine. Generation ends
+    at the first stop string to be completed as the text grows (for ``["abcd", "bc"]`` and ``"xabcd"`` that is
+    ``"bc"``: the output is ``"xa"``), so the result never depends on how the text was split into tokens.
     """
 
     def __init__(self, stops: list[str]) -> None:
@@ -18,10 +20,10 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i + len(s), i) for s in self.stops if (i := buffer.find(s)) >= 0]
+        if found:
             self._held = ""
-            return buffer[:cut], True
+            return buffer[: min(found)[1]], True
         keep = self._partial_suffix(buffer)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[: len(buffer) - keep], False

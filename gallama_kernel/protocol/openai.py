@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from .errors import InvalidRequest
 
@@ -47,7 +56,12 @@ class _Strict(BaseModel):
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    _extensions: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        """Values of plugin-declared fields, validated against their declared types."""
+        return self._extensions
 
     @model_validator(mode="after")
     def _plugin_fields(self, info: ValidationInfo) -> _Strict:
@@ -57,7 +71,7 @@ class _Strict(BaseModel):
                 raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
                                      code="unknown_field")
             try:
-                self.extensions[name] = TypeAdapter(declared[name].annotation).validate_python(value)
+                self._extensions[name] = TypeAdapter(declared[name].annotation).validate_python(value)
             except ValidationError as error:
                 raise InvalidRequest(f"Invalid value for '{name}': {error.errors()[0]['msg']}", param=name) from None
         return self
@@ -152,6 +166,15 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "TextPart", "StreamOptions"}
+
+
+def error_param(loc: tuple[int | str, ...]) -> str | None:
+    """``messages.0.content`` from a pydantic location, without union member tags (``str``, ``list[...]``)."""
+    kept = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+    return ".".join(kept) or None
+
+
 def validate_request(model: type[_Strict], body: Any, fields: dict[str, Any]) -> Any:
     """Validate a decoded JSON body, turning pydantic errors into a 400 naming the first bad field."""
     if not isinstance(body, dict):
@@ -160,7 +183,7 @@ def validate_request(model: type[_Strict], body: Any, fields: dict[str, Any]) ->
         request = model.model_validate(body, context={"fields": fields})
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = error_param(first["loc"])
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from None
     request.refuse_unsupported()
     return request

@@ -45,6 +45,7 @@ class Slot:
     logit_index: int = -1
     generated: int = 0
     reused: int = 0
+    last_used: int = 0  # admission counter; among equal prefixes the least recently used slot is taken
     stops: StopMatcher | None = None
     decoder: codecs.IncrementalDecoder | None = None
 
@@ -89,6 +90,7 @@ class Engine:
         self.wakeup = threading.Condition()
         self.running = True
         self.steps = 0
+        self.admissions = 0
         self.thread = threading.Thread(target=self._loop, name="gallama-llama-cpp-engine", daemon=True)
         self.thread.start()
 
@@ -105,7 +107,7 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"slots": len(self.slots), "busy": sum(s.job is not None for s in self.slots),
-                "waiting": len(self.waiting), "steps": self.steps}
+                "waiting": len(self.waiting), "steps": self.steps, "context_length": self.config.n_ctx_per_slot}
 
     def close(self) -> None:
         with self.wakeup:
@@ -152,13 +154,15 @@ class Engine:
             if job.cancelled:
                 continue
             prompt = job.request.prompt_tokens
-            slot = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
             reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
             slot.cached = slot.cached[:reuse]
             slot.job = job
             slot.pending = prompt[reuse:]
             slot.reused = reuse
+            self.admissions += 1
+            slot.last_used = self.admissions
             slot.generated = 0
             slot.sampler = build_chain(job.request.sampling, self.model.n_vocab)
             slot.stops = StopMatcher(job.request.stop)
