@@ -37,7 +37,9 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check .
 
+# The peer (llama-cpp-python's own server) needs starlette-context; llama-cpp-python itself is already built.
 bench: install-test
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench_spine.py
 
 clean:

@@ -55,6 +55,7 @@ class EngineConfig:
     n_slots: int
     n_ctx_per_slot: int
     n_threads: int
+    n_threads_batch: int
     n_batch: int = 512
     prefill_chunk_while_decoding: int = 128
     type_k: int = ll.GGML_TYPE_F16
@@ -73,7 +74,7 @@ class Engine:
         params.n_ubatch = config.n_batch
         params.n_seq_max = config.n_slots
         params.n_threads = config.n_threads
-        params.n_threads_batch = config.n_threads
+        params.n_threads_batch = config.n_threads_batch
         params.type_k = config.type_k
         params.type_v = config.type_v
         params.kv_unified = False  # every slot owns n_ctx_per_slot cells: no request can starve another
