@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -80,6 +81,13 @@ def test_every_hookspec_documents_its_params(name: str) -> None:
     assert doc.strip(), f"hookspec {name} has no docstring"
     for param in inspect.signature(function).parameters:
         assert f":param {param}:" in doc, f"hookspec {name} does not document :param {param}:"
+
+
+@pytest.mark.parametrize("name", HOOK_NAMES)
+def test_every_hookspec_is_in_the_readme_with_its_signature(name: str) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    signature = f"`{name}({', '.join(inspect.signature(getattr(hookspecs, name)).parameters)})`"
+    assert signature in readme, f"README.md does not document {signature}"
 
 
 @pytest.mark.parametrize("name", HOOK_NAMES)
