@@ -22,7 +22,9 @@ from .engine import Engine, EngineConfig, Job
 from .model import LlamaModel
 
 CACHE_TYPES = {"FP16": ll.GGML_TYPE_F16, "Q8": ll.GGML_TYPE_Q8_0, "Q4": ll.GGML_TYPE_Q4_0}
-DEFAULT_SLOTS = 4
+CACHE_BYTES_PER_VALUE = {"FP16": 2.0, "Q8": 34 / 32, "Q4": 18 / 32}  # ggml block sizes
+MAX_DEFAULT_SLOTS = 8
+DEFAULT_CACHE_BUDGET = 1 << 30  # bytes of KV cache the default slot count may use
 DEFAULT_MAX_SEQ_LEN = 4096
 
 
@@ -32,11 +34,12 @@ def usable_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def plan_cache(spec: ModelSpec, n_ctx_train: int) -> tuple[int, int]:
+def plan_cache(spec: ModelSpec, n_ctx_train: int, bytes_per_token: float) -> tuple[int, int]:
     """(slots, tokens per slot) from ``max_concurrent_requests``, ``max_seq_len`` and ``cache_size``.
 
     The cache holds ``slots x tokens per slot`` cells; every slot owns its share, so a request never waits
-    for cache space once it runs.
+    for cache space once it runs. Without ``cache_size`` or ``max_concurrent_requests``, as many slots as fit
+    in ``DEFAULT_CACHE_BUDGET`` bytes (``bytes_per_token`` of KV per cell), between 1 and 8.
     """
     if spec.max_seq_len and spec.max_seq_len > n_ctx_train:
         raise BackendError(f"max_seq_len={spec.max_seq_len} exceeds the model's training context {n_ctx_train}")
@@ -52,7 +55,17 @@ def plan_cache(spec: ModelSpec, n_ctx_train: int) -> tuple[int, int]:
                                f"{seq_len} tokens; raise cache_size to {slots * seq_len} or lower the others")
         if seq_len < 16:
             raise BackendError(f"cache_size={spec.cache_size} leaves {seq_len} tokens per request")
-    return slots or DEFAULT_SLOTS, seq_len
+    if slots is None:
+        slots = int(min(MAX_DEFAULT_SLOTS, max(1, DEFAULT_CACHE_BUDGET // (seq_len * bytes_per_token))))
+    return slots, seq_len
+
+
+def kv_bytes_per_token(model: LlamaModel, quant: str) -> float:
+    """KV cache bytes one token takes: K and V for every layer and KV head."""
+    ptr = model.ptr
+    head_dim = ll.llama_model_n_embd(ptr) // max(1, ll.llama_model_n_head(ptr))
+    values = 2 * ll.llama_model_n_layer(ptr) * ll.llama_model_n_head_kv(ptr) * head_dim
+    return values * CACHE_BYTES_PER_VALUE[quant]
 
 
 class LlamaCppBackend(Backend):
@@ -79,7 +92,7 @@ class LlamaCppBackend(Backend):
                                    "omit gpus to run on the CPU")
             gpu_layers = -1
         self.model = LlamaModel(spec.model_path, progress, n_gpu_layers=gpu_layers)
-        slots, seq_len = plan_cache(spec, self.model.n_ctx_train)
+        slots, seq_len = plan_cache(spec, self.model.n_ctx_train, kv_bytes_per_token(self.model, quant))
         config = EngineConfig(n_slots=slots, n_ctx_per_slot=seq_len, n_threads=spec.n_threads or usable_cores(),
                               n_threads_batch=usable_cores(),
                               type_k=CACHE_TYPES[quant], type_v=CACHE_TYPES[quant])

@@ -1,7 +1,8 @@
 """One engine loop per model: owns the llama.cpp context and serves several requests at once.
 
-Each step builds one batch: one token for every decoding slot, then prompt chunks of slots still in prefill
-(limited so that a long prompt cannot stall running streams). New requests join between steps; a finished
+Each step builds one batch: one token for every decoding slot, then prompt chunks of slots still in prefill.
+While streams are decoding, the prompt chunk is sized from the measured cost of a prompt token so that a step
+takes about ``step_target_s``: a long prompt cannot stall running streams. New requests join between steps; a finished
 or cancelled request leaves at once. A slot keeps the tokens whose KV it holds, so a new request whose prompt
 shares a prefix with what a free slot holds only computes the rest.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import codecs
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +59,8 @@ class EngineConfig:
     n_threads: int
     n_threads_batch: int
     n_batch: int = 512
-    prefill_chunk_while_decoding: int = 128
+    step_target_s: float = 0.12  # step length to aim for while streams decode (their inter-token gap)
+    min_prefill_chunk: int = 16
     type_k: int = ll.GGML_TYPE_F16
     type_v: int = ll.GGML_TYPE_F16
 
@@ -92,6 +95,8 @@ class Engine:
         self.running = True
         self.steps = 0
         self.admissions = 0
+        self.decode_step_s: float | None = None  # moving averages, measured on this machine
+        self.prompt_token_s: float | None = None
         self.thread = threading.Thread(target=self._loop, name="gallama-llama-cpp-engine", daemon=True)
         self.thread.start()
 
@@ -175,7 +180,7 @@ class Engine:
         prefilling = [s for s in self.slots if s.job is not None and s not in decoding]
         budget = self.config.n_batch - len(decoding)
         if decoding:
-            budget = min(budget, self.config.prefill_chunk_while_decoding)
+            budget = min(budget, self._prefill_chunk())
         fed: list[tuple[Slot, list[int]]] = []
         for slot in decoding + prefilling:
             take = slot.pending if slot in decoding else slot.pending[: max(budget, 0)]
@@ -197,16 +202,32 @@ class Engine:
             slot.logit_index = n - 1 if done else -1
             fed.append((slot, take))
         batch.n_tokens = n
+        started = time.perf_counter()
         status = ll.llama_decode(self.ctx, batch)
         self.steps += 1
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
+        self._learn_costs(time.perf_counter() - started, n - len(decoding), bool(decoding))
         for slot, take in fed:
             slot.cached.extend(take)
             slot.pending = slot.pending[len(take):]
         for slot, _ in fed:
             if slot.logit_index >= 0 and slot.job is not None:
                 self._sample(slot)
+
+    def _prefill_chunk(self) -> int:
+        if self.prompt_token_s is None:
+            return 4 * self.config.min_prefill_chunk
+        spare = self.config.step_target_s - (self.decode_step_s or 0.0)
+        return max(self.config.min_prefill_chunk, min(self.config.n_batch, int(spare / self.prompt_token_s)))
+
+    def _learn_costs(self, elapsed: float, prompt_tokens: int, with_decodes: bool) -> None:
+        if prompt_tokens == 0:
+            self.decode_step_s = _average(self.decode_step_s, elapsed)
+        elif prompt_tokens >= self.config.min_prefill_chunk:
+            decode_part = (self.decode_step_s or 0.0) if with_decodes else 0.0
+            per_token = max(elapsed - decode_part, 0.0) / prompt_tokens
+            self.prompt_token_s = _average(self.prompt_token_s, per_token)
 
     def _sample(self, slot: Slot) -> None:
         job = slot.job
@@ -249,6 +270,10 @@ class Engine:
         if slot.sampler is not None:
             ll.llama_sampler_free(slot.sampler)
             slot.sampler = None
+
+
+def _average(current: float | None, sample: float, weight: float = 0.2) -> float:
+    return sample if current is None else current + weight * (sample - current)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

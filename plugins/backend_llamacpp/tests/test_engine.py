@@ -38,17 +38,24 @@ def generate(backend, request_id: str, max_tokens: int = 16, stop=(), prompt: st
     return asyncio.run(collect())
 
 
+SMALL, LARGE = 23_040, 131_072  # KV bytes per token: SmolLM2-135M and an 8B model with FP16 cache
+
+
 def test_plan_cache_defaults_and_splits():
     spec = ModelSpec(model_id="x")
-    assert plan_cache(spec, 8192) == (4, 4096)
-    assert plan_cache(spec, 2048) == (4, 2048)
-    assert plan_cache(spec.model_copy(update={"cache_size": 8192}), 8192) == (2, 4096)
-    assert plan_cache(spec.model_copy(update={"cache_size": 8192, "max_concurrent_requests": 8}), 8192) == (8, 1024)
+    assert plan_cache(spec, 8192, SMALL) == (8, 4096)
+    assert plan_cache(spec, 2048, SMALL) == (8, 2048)
+    assert plan_cache(spec, 8192, LARGE) == (2, 4096)
+    assert plan_cache(spec, 8192, 10**9) == (1, 4096)
+    assert plan_cache(spec.model_copy(update={"max_concurrent_requests": 3}), 8192, LARGE) == (3, 4096)
+    assert plan_cache(spec.model_copy(update={"cache_size": 8192}), 8192, SMALL) == (2, 4096)
+    assert plan_cache(spec.model_copy(update={"cache_size": 8192, "max_concurrent_requests": 8}), 8192,
+                      SMALL) == (8, 1024)
     with pytest.raises(BackendError, match="cache_size=1000 cannot hold 4 requests"):
         plan_cache(spec.model_copy(update={"cache_size": 1000, "max_concurrent_requests": 4, "max_seq_len": 512}),
-                   8192)
+                   8192, SMALL)
     with pytest.raises(BackendError, match="training context"):
-        plan_cache(spec.model_copy(update={"max_seq_len": 9000}), 8192)
+        plan_cache(spec.model_copy(update={"max_seq_len": 9000}), 8192, SMALL)
 
 
 def test_length_and_exact_counts(backend):
@@ -109,3 +116,32 @@ def test_refuses_unavailable_cache_quant_and_gpus():
         spec = ModelSpec(model_id=str(GGUF), model_path=str(GGUF), **update)
         with pytest.raises(BackendError, match=message):
             LlamaCppBackend(spec).load()
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_stream(backend):
+    long_prompt = "<|im_start|>user\n" + "The quick brown fox jumps over the lazy dog. " * 45 + "<|im_end|>\n"
+    long_tokens = backend.tokenize(long_prompt)
+    assert 400 < len(long_tokens) < 500
+
+    async def scenario():
+        running = backend.stream(GenerationRequest("runner", backend.tokenize(PROMPT + "!"), 200, GREEDY))
+        for _ in range(3):
+            await anext(running)
+        arrivals: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def keep_reading():
+            async for _ in running:
+                arrivals.append(loop.time())
+
+        reader = asyncio.ensure_future(keep_reading())
+        sent = loop.time()
+        long_stream = backend.stream(GenerationRequest("long", long_tokens, 4, GREEDY))
+        await anext(long_stream)
+        first_token = loop.time()
+        await long_stream.aclose()
+        await reader
+        return sum(sent <= t <= first_token for t in arrivals)
+
+    tokens_during_prefill = asyncio.run(scenario())
+    assert tokens_during_prefill >= 3, "running stream must keep getting tokens while a long prompt is prefilled"
