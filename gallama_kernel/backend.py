@@ -106,6 +106,11 @@ class Backend(abc.ABC):
         """Most tokens (prompt + completion) one request may use."""
 
     @property
+    def vocab_size(self) -> int | None:
+        """Number of token ids, when known: prompts given as token ids are checked against it."""
+        return None
+
+    @property
     def chat_template(self) -> str | None:
         """The model's own Jinja chat template, or ``None`` (the kernel then uses ChatML)."""
         return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import openai
+import pytest
+
 PROMPT = "The three primary colors are"
 
 
@@ -47,3 +50,16 @@ def test_completion_length(client):
     completion = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=3, temperature=0)
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 3
+
+
+def test_completion_from_token_ids(client):
+    completion = client.completions.create(model="smollm2", prompt=[504, 1371, 3590, 4199], max_tokens=4,
+                                           temperature=0)
+    assert completion.usage.prompt_tokens == 4
+    assert completion.usage.completion_tokens == 4
+
+
+def test_completion_token_ids_outside_the_vocabulary_are_a_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="smollm2", prompt=[1, 2, 10**7], max_tokens=4)
+    assert caught.value.body["param"] == "prompt"

@@ -157,6 +157,9 @@ class ChatService:
         prompt = request.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = list(prompt)  # type: ignore[arg-type]
+            vocab = model.backend.vocab_size
+            if vocab is not None and any(not 0 <= t < vocab for t in tokens):
+                raise InvalidRequest(f"Token ids must lie in 0..{vocab - 1}.", param="prompt")
             text = model.backend.detokenize(tokens)
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt  # type: ignore[assignment]

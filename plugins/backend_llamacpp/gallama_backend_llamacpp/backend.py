@@ -111,6 +111,10 @@ class LlamaCppBackend(Backend):
         return self._require()[1].config.n_ctx_per_slot
 
     @property
+    def vocab_size(self) -> int:
+        return self._require()[0].n_vocab
+
+    @property
     def chat_template(self) -> str | None:
         return self._require()[0].chat_template
 
@@ -131,10 +135,8 @@ class LlamaCppBackend(Backend):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         model, engine = self._require()
-        if not request.prompt_tokens:
-            raise BackendError("empty prompt")
-        if any(not 0 <= t < model.n_vocab for t in request.prompt_tokens):
-            raise BackendError(f"prompt has token ids outside 0..{model.n_vocab - 1}")
+        if not request.prompt_tokens or any(not 0 <= t < model.n_vocab for t in request.prompt_tokens):
+            raise BackendError("the prompt is empty or has token ids outside the vocabulary")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
 
