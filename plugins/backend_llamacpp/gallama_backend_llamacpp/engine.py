@@ -151,7 +151,7 @@ class Engine:
                 slot.job.emit(RuntimeError("the model was unloaded"))
 
     def _admit(self) -> None:
-        """Move waiting jobs (oldest first) into free slots, preferring the slot with the longest shared prefix."""
+        """Move waiting jobs (oldest first) into free slots, preferring the slot whose cache serves them best."""
         while self.waiting:
             free = [s for s in self.slots if s.job is None]
             if not free:
@@ -160,7 +160,7 @@ class Engine:
             if job.cancelled:
                 continue
             prompt = job.request.prompt_tokens
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
+            slot = _choose_slot(free, prompt)
             reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
             slot.cached = slot.cached[:reuse]
@@ -270,6 +270,20 @@ class Engine:
         if slot.sampler is not None:
             ll.llama_sampler_free(slot.sampler)
             slot.sampler = None
+
+
+def _choose_slot(free: list[Slot], prompt: list[int]) -> Slot:
+    """The free slot whose cache serves ``prompt`` best without wrecking another conversation's cache.
+
+    A slot qualifies when the shared prefix is at least half of what it holds (an empty slot always does);
+    among those the longest shared prefix wins. Otherwise the least recently used slot is taken. A short
+    common opening (a chat template's first tokens) must not make two agents evict each other.
+    """
+    shared = {slot.seq_id: _common_prefix(slot.cached, prompt) for slot in free}
+    fitting = [slot for slot in free if 2 * shared[slot.seq_id] >= len(slot.cached)]
+    if fitting:
+        return max(fitting, key=lambda slot: (shared[slot.seq_id], -slot.last_used))
+    return min(free, key=lambda slot: slot.last_used)
 
 
 def _average(current: float | None, sample: float, weight: float = 0.2) -> float:

@@ -145,3 +145,15 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_stream(backend):
 
     tokens_during_prefill = asyncio.run(scenario())
     assert tokens_during_prefill >= 3, "running stream must keep getting tokens while a long prompt is prefilled"
+
+
+def test_two_conversations_keep_their_own_slots(backend):
+    first = "<|im_start|>system\nYou plan trips.<|im_end|>\n<|im_start|>user\nPlan a week in Rome.<|im_end|>\n"
+    second = "<|im_start|>system\nYou fix servers.<|im_end|>\n<|im_start|>user\nThe disk is full.<|im_end|>\n"
+    for prompt in (first, second):
+        generate(backend, "warm", max_tokens=2, prompt=prompt)
+    for turn in range(2):
+        for prompt in (first, second):
+            grown = prompt + f"<|im_start|>user\nTurn {turn}.<|im_end|>\n"
+            final = generate(backend, f"turn-{turn}", max_tokens=2, prompt=grown)[-1]
+            assert final.cached_tokens >= len(backend.tokenize(prompt)) - 1, "the other conversation evicted it"
