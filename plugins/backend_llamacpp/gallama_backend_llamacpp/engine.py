@@ -63,6 +63,7 @@ class EngineConfig:
     min_prefill_chunk: int = 16
     type_k: int = ll.GGML_TYPE_F16
     type_v: int = ll.GGML_TYPE_F16
+    flash_attention: bool | None = None  # None: llama.cpp decides
 
 
 class Engine:
@@ -82,8 +83,9 @@ class Engine:
         params.type_v = config.type_v
         params.kv_unified = False  # every slot owns n_ctx_per_slot cells: no request can starve another
         params.no_perf = True
-        if config.type_v != ll.GGML_TYPE_F16:
-            params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED  # quantized V cache needs it
+        if config.flash_attention is not None:
+            params.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attention
+                                      else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = ll.llama_init_from_model(model.ptr, params)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context (cache too large for memory?)")
