@@ -61,6 +61,7 @@ class EngineConfig:
     n_batch: int = 512
     step_target_s: float = 0.12  # step length to aim for while streams decode (their inter-token gap)
     min_prefill_chunk: int = 16
+    min_prefix_copy: int = 32  # shared tokens that make copying another slot's KV worth it
     type_k: int = ll.GGML_TYPE_F16
     type_v: int = ll.GGML_TYPE_F16
     flash_attention: bool | None = None  # None: llama.cpp decides
@@ -163,6 +164,7 @@ class Engine:
                 continue
             prompt = job.request.prompt_tokens
             slot = _choose_slot(free, prompt)
+            self._borrow_prefix(slot, prompt)
             reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
             slot.cached = slot.cached[:reuse]
@@ -175,6 +177,20 @@ class Engine:
             slot.sampler = build_chain(job.request.sampling, self.model.n_vocab)
             slot.stops = StopMatcher(job.request.stop)
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _borrow_prefix(self, slot: Slot, prompt: list[int]) -> None:
+        """Copy another slot's KV into ``slot`` when it shares a much longer prefix with ``prompt``.
+
+        Requests that open like another conversation (the same long system prompt) then reuse it without
+        taking that conversation's slot. Slots are separate KV streams, which llama.cpp copies whole.
+        """
+        own = _common_prefix(slot.cached, prompt)
+        donor = max((s for s in self.slots if s is not slot), key=lambda s: _common_prefix(s.cached, prompt))
+        shared = _common_prefix(donor.cached, prompt)
+        if shared >= own + self.config.min_prefix_copy:
+            ll.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
+            slot.cached = donor.cached[:shared]
+            ll.llama_memory_seq_rm(self.memory, slot.seq_id, shared, -1)
 
     def _step(self) -> None:
         batch, n = self.batch, 0

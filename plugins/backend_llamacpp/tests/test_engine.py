@@ -157,3 +157,19 @@ def test_two_conversations_keep_their_own_slots(backend):
             grown = prompt + f"<|im_start|>user\nTurn {turn}.<|im_end|>\n"
             final = generate(backend, f"turn-{turn}", max_tokens=2, prompt=grown)[-1]
             assert final.cached_tokens >= len(backend.tokenize(prompt)) - 1, "the other conversation evicted it"
+
+
+def test_a_shared_system_prompt_is_copied_without_evicting_its_owner(backend):
+    system = "<|im_start|>system\n" + "You are a careful assistant who answers briefly and precisely. " * 8 + \
+        "<|im_end|>\n"
+    first = system + "<|im_start|>user\n" + "Describe Rome. " * 40 + "<|im_end|>\n<|im_start|>assistant\n"
+    second = system + "<|im_start|>user\nDescribe Oslo.<|im_end|>\n<|im_start|>assistant\n"
+    shared = len(backend.tokenize(system))
+    assert shared > 64
+    generate(backend, "owner", max_tokens=4, prompt=first)  # holds more than twice the shared part
+    borrower = generate(backend, "borrower", max_tokens=2, prompt=second)[-1]
+    assert borrower.cached_tokens >= shared
+    again = generate(backend, "owner-again", max_tokens=2, prompt=first)[-1]
+    assert again.cached_tokens == len(backend.tokenize(first)) - 1
+    assert "".join(e.text for e in generate(backend, "check", max_tokens=8, prompt=second)) == \
+        "".join(e.text for e in generate(backend, "check2", max_tokens=8, prompt=second))
