@@ -33,7 +33,6 @@ import asyncio
 import itertools
 import json
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,14 +57,13 @@ from bench_spine import (
     HttpTarget,
     Server,
     ServerSpec,
-    ServerStartError,
     StreamResult,
     _fmt,
-    _raise_interrupt,
     _ratio,
     _rotated,
     gguf_path,
     prompts,
+    run_guarded,
     running_servers,
     settle,
 )
@@ -830,15 +828,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path | None, 
 def main(argv: Sequence[str] | None = None) -> int:
     config, json_path, log_dir = parse_args(argv)
     log_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # servers are stopped in finally blocks either way
-    try:
-        result = run_benchmark(config, log_dir)
-    except ServerStartError as error:
-        print(f"\nERROR: server failed to start: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
-        return 130
+    result = run_guarded(lambda: run_benchmark(config, log_dir))
+    if isinstance(result, int):
+        return result
     print_report(result)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -698,18 +698,25 @@ def _raise_interrupt(_signum: int, _frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    plan, json_path, log_dir = parse_args(argv)
-    log_dir.mkdir(parents=True, exist_ok=True)
+def run_guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """Run a benchmark; on a server that fails to start or an interrupt, the exit code instead of results."""
     signal.signal(signal.SIGTERM, _raise_interrupt)  # servers are stopped in finally blocks either way
     try:
-        result = run_benchmark(plan, log_dir)
+        return run()
     except ServerStartError as error:
         print(f"\nERROR: server failed to start: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; servers stopped", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan, json_path, log_dir = parse_args(argv)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result = run_guarded(lambda: run_benchmark(plan, log_dir))
+    if isinstance(result, int):
+        return result
     result["ratios"] = compute_ratios(result)
     print_table(result)
     print_noise_warning(result)
