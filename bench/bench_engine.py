@@ -66,6 +66,7 @@ from bench_spine import (
     run_guarded,
     running_servers,
     settle,
+    write_results,
 )
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -832,10 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(result, int):
         return result
     print_report(result)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
-        print(f"results written to {json_path}")
+    write_results(result, json_path)
     return 0
 
 

@@ -711,6 +711,13 @@ def run_guarded(run: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
         return 130
 
 
+def write_results(result: dict[str, Any], json_path: Path | None) -> None:
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+        print(f"results written to {json_path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     plan, json_path, log_dir = parse_args(argv)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -721,10 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(result)
     print_noise_warning(result)
     print_ratios(result["ratios"], result["other_processes_cores"])
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
-        print(f"results written to {json_path}")
+    write_results(result, json_path)
     return 0
 
 
