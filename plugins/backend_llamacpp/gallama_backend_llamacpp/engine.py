@@ -163,9 +163,10 @@ class Engine:
             if job.cancelled:
                 continue
             prompt = job.request.prompt_tokens
-            slot = _choose_slot(free, prompt)
-            self._borrow_prefix(slot, prompt)
-            reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token yields logits
+            shared = {s.seq_id: _common_prefix(s.cached, prompt) for s in self.slots}  # once per admission
+            slot = _choose_slot(free, shared)
+            self._borrow_prefix(slot, shared)
+            reuse = min(shared[slot.seq_id], len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
             slot.cached = slot.cached[:reuse]
             slot.job = job
@@ -178,19 +179,19 @@ class Engine:
             slot.stops = StopMatcher(job.request.stop)
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def _borrow_prefix(self, slot: Slot, prompt: list[int]) -> None:
+    def _borrow_prefix(self, slot: Slot, shared: dict[int, int]) -> None:
         """Copy another slot's KV into ``slot`` when it shares a much longer prefix with ``prompt``.
 
         Requests that open like another conversation (the same long system prompt) then reuse it without
         taking that conversation's slot. Slots are separate KV streams, which llama.cpp copies whole.
         """
-        own = _common_prefix(slot.cached, prompt)
-        donor = max((s for s in self.slots if s is not slot), key=lambda s: _common_prefix(s.cached, prompt))
-        shared = _common_prefix(donor.cached, prompt)
-        if shared >= own + self.config.min_prefix_copy:
+        donor = max((s for s in self.slots if s is not slot), key=lambda s: shared[s.seq_id])
+        length = shared[donor.seq_id]
+        if length >= shared[slot.seq_id] + self.config.min_prefix_copy:
             ll.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
-            slot.cached = donor.cached[:shared]
-            ll.llama_memory_seq_rm(self.memory, slot.seq_id, shared, -1)
+            slot.cached = donor.cached[:length]
+            ll.llama_memory_seq_rm(self.memory, slot.seq_id, length, -1)
+            shared[slot.seq_id] = length
 
     def _step(self) -> None:
         batch, n = self.batch, 0
@@ -290,14 +291,14 @@ class Engine:
             slot.sampler = None
 
 
-def _choose_slot(free: list[Slot], prompt: list[int]) -> Slot:
-    """The free slot whose cache serves ``prompt`` best without wrecking another conversation's cache.
+def _choose_slot(free: list[Slot], shared: dict[int, int]) -> Slot:
+    """The free slot whose cache serves the prompt best (``shared``: prefix length per seq_id), without
+    wrecking another conversation's cache.
 
     A slot qualifies when the shared prefix is at least half of what it holds (an empty slot always does);
     among those the longest shared prefix wins. Otherwise the least recently used slot is taken. A short
     common opening (a chat template's first tokens) must not make two agents evict each other.
     """
-    shared = {slot.seq_id: _common_prefix(slot.cached, prompt) for slot in free}
     fitting = [slot for slot in free if 2 * shared[slot.seq_id] >= len(slot.cached)]
     if fitting:
         return max(fitting, key=lambda slot: (shared[slot.seq_id], -slot.last_used))
