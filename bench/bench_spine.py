@@ -37,16 +37,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import httpx
 import llama_cpp as ll
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from openai import AsyncOpenAI
 
+R = TypeVar("R")
 MAX_TOKENS = 128
 CONCURRENCY = 8
 N_CTX = 4096
@@ -495,19 +496,21 @@ class Session:
     plan: Plan
     reports: dict[str, TargetReport]
 
-    async def single(self, target: Target, prompt: str) -> StreamResult:
+    async def _metered(self, pids: Sequence[int], run: Callable[[], Awaitable[R]]) -> R:
+        """Wait for quiet CPUs, run, and record how much other processes used meanwhile."""
         await settle(self.plan.quiet_wait_s)
-        meter = CpuMeter(target.pids)
-        result = await target.single(prompt, self.plan.max_tokens)
-        result.other_cores = meter.other_cores()
+        meter = CpuMeter(pids)
+        result = await run()
+        result.other_cores = meter.other_cores()  # type: ignore[attr-defined]
+        return result
+
+    async def single(self, target: Target, prompt: str) -> StreamResult:
+        result = await self._metered(target.pids, lambda: target.single(prompt, self.plan.max_tokens))
         self.reports[target.name].singles.append(result)
         return result
 
     async def concurrent(self, target: HttpTarget, batch: Sequence[str]) -> ConcurrentResult:
-        await settle(self.plan.quiet_wait_s)
-        meter = CpuMeter(target.pids)
-        result = await target.concurrent(batch, self.plan.max_tokens)
-        result.other_cores = meter.other_cores()
+        result = await self._metered(target.pids, lambda: target.concurrent(batch, self.plan.max_tokens))
         self.reports[target.name].rounds.append(result)
         return result
 
