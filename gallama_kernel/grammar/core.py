@@ -1,0 +1,227 @@
+"""The kernel's grammar IR: a Lark grammar, rendered for the engine (llguidance) and for Python's Lark.
+
+Every constraint (JSON schema, regex, tool calls, a user's own Lark grammar) becomes one :class:`Grammar`.
+Backends enforce ``grammar.llguidance`` token by token; the kernel parses finished output with
+``grammar.parse`` (Python Lark, Earley), so structured results are read back by a parser.
+
+The two renderings differ in one construct only: free text that ends at a marker (``</think>``), which is
+a lazy lexeme for llguidance and a look-ahead regex for Python's Lark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import lark
+
+from ..protocol.errors import InvalidRequest
+
+ANY_TEXT = r"(.|\n)+"
+"""Regex (in both dialects) for any non-empty text, newlines included.
+
+Terminals never match the empty string (Python Lark's Earley refuses them): make them optional in the rule
+instead (``[TEXT]``)."""
+
+
+class GrammarError(InvalidRequest):
+    """A constraint that cannot be compiled or enforced: a 400 naming the request field."""
+
+
+def literal(text: str) -> str:
+    """``text`` as a Lark string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    escaped = escaped.replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+def regex_literal(pattern: str) -> str:
+    """``pattern`` (a regex in the common dialect) as a Lark ``/…/`` terminal."""
+    return "/" + pattern.replace("/", "\\/") + "/"
+
+
+def escape_regex(text: str) -> str:
+    """``text`` matched literally, in the regex dialect that Python's ``re`` and llguidance share."""
+    return "".join("\\" + ch if ch in REGEX_META else _escape_char(ch) for ch in text)
+
+
+REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
+"""Characters escaped in regexes. Never ``<`` or ``>``: the Rust regex crate reads ``\\<`` as a word boundary."""
+
+
+def _escape_char(ch: str) -> str:
+    """Control characters as escapes; everything else as itself."""
+    if ch == '"':  # Python Lark reads \\" inside /…/ as an escaped quote: never write a raw quote
+        return "\\x22"
+    if ch == "\n":
+        return "\\n"
+    if ch == "\t":
+        return "\\t"
+    if ch == "\r":
+        return "\\r"
+    if ord(ch) < 0x20 or ord(ch) == 0x7F:
+        return f"\\x{ord(ch):02x}"
+    return ch
+
+
+def not_starting_with(word: str) -> str:
+    """Regex for any non-empty text that does not start with ``word``.
+
+    Used where text and a structure that opens with ``word`` are alternatives: once the output starts with
+    ``word``, only the structure may follow, so free text can never pass for a malformed call.
+    """
+    if not word:
+        raise ValueError("word must not be empty")
+    branches = []
+    for i, ch in enumerate(word):
+        branches.append(escape_regex(word[:i]) + "[^" + _class_char(ch) + "]")
+    diverge = "(" + "|".join(branches) + ")" + r"(.|\n)*"
+    prefixes = "|".join(escape_regex(word[:i]) for i in range(len(word) - 1, 0, -1))  # longest first
+    return f"{diverge}|{prefixes}" if prefixes else diverge
+
+
+def _class_char(ch: str) -> str:
+    return "\\" + ch if ch in "\\]^-[" else _escape_char(ch)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """One compiled constraint.
+
+    :param lark: the grammar in Python Lark's dialect (used to parse finished output)
+    :param llguidance: the same grammar in llguidance's Lark dialect (enforced by the engine)
+    :param description: what the grammar stands for, for messages
+    """
+
+    lark: str
+    llguidance: str
+    description: str = "grammar"
+
+    @cached_property
+    def key(self) -> str:
+        """Stable identity for caches (engines cache compiled matchers by it)."""
+        return hashlib.sha256(self.llguidance.encode()).hexdigest()
+
+    def parse(self, text: str) -> lark.Tree:
+        """Parse finished output; raises :class:`lark.exceptions.LarkError` when it does not match.
+
+        Lark's dynamic lexer takes one match per terminal and position (Python's ``re`` picks the first
+        alternative, not the longest); when that reading fails, every shorter match is tried too.
+        """
+        try:
+            return _parser(self.lark, "dynamic").parse(text)
+        except lark.exceptions.LarkError:
+            return _parser(self.lark, "dynamic_complete").parse(text)
+
+    def matches(self, text: str) -> bool:
+        try:
+            self.parse(text)
+        except lark.exceptions.LarkError:
+            return False
+        return True
+
+
+_PARSERS: dict[tuple[str, str], lark.Lark] = {}
+
+
+def _parser(text: str, lexer: str = "dynamic") -> lark.Lark:
+    parser = _PARSERS.get((text, lexer))
+    if parser is None:
+        parser = lark.Lark(text, parser="earley", lexer=lexer, propagate_positions=True,
+                           keep_all_tokens=True, ambiguity="resolve")
+        if len(_PARSERS) > 256:
+            _PARSERS.clear()
+        _PARSERS[text, lexer] = parser
+    return parser
+
+
+@dataclass
+class GrammarBuilder:
+    """Collects rules and terminals under fresh names and renders both dialects.
+
+    Rule bodies are Lark expansions in the common dialect; rule names are lowercase, terminal names uppercase.
+    """
+
+    rules: dict[str, str] = field(default_factory=dict)
+    lazy: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (llguidance body, lark body)
+    _memo: dict[Any, str] = field(default_factory=dict)
+
+    def fresh(self, hint: str, terminal: bool = False) -> str:
+        base = re.sub(r"[^a-z0-9_]", "_", hint.lower()).strip("_") or "r"
+        if base[0].isdigit():
+            base = "r_" + base
+        base = base[:40]
+        name, n = base, 1
+        while name.upper() in self._taken():
+            n += 1
+            name = f"{base}_{n}"
+        return name.upper() if terminal else name
+
+    def _taken(self) -> set[str]:
+        return {name.upper() for name in (*self.rules, *self.lazy)}
+
+    def rule(self, hint: str, body: str, *, key: Any = None) -> str:
+        """Add ``hint: body`` under a fresh name; with ``key``, an equal key returns the earlier rule."""
+        if key is not None and key in self._memo:
+            return self._memo[key]
+        name = self.fresh(hint)
+        self.rules[name] = body
+        if key is not None:
+            self._memo[key] = name
+        return name
+
+    def terminal(self, hint: str, pattern: str, *, key: Any = None) -> str:
+        """Add a terminal matching ``pattern`` (a regex in the common dialect)."""
+        if key is not None and key in self._memo:
+            return self._memo[key]
+        name = self.fresh(hint, terminal=True)
+        self.rules[name] = regex_literal(pattern)
+        if key is not None:
+            self._memo[key] = name
+        return name
+
+    def memo(self, key: Any) -> str | None:
+        return self._memo.get(key)
+
+    def remember(self, key: Any, name: str) -> None:
+        self._memo[key] = name
+
+    def reserve(self, hint: str) -> str:
+        """A fresh rule name whose body is given later with :meth:`define` (for recursive rules)."""
+        name = self.fresh(hint)
+        self.rules[name] = ""
+        return name
+
+    def define(self, name: str, body: str) -> None:
+        self.rules[name] = body
+
+    def text_until(self, marker: str, hint: str = "free_text") -> str:
+        """A rule for free text up to and including the first ``marker``."""
+        name = self.fresh(hint)
+        marker_re = escape_regex(marker)
+        self.lazy[name] = (regex_literal(r"(.|\n)*" + marker_re),
+                           regex_literal(f"((?!{marker_re})(.|\\n))*{marker_re}"))
+        return name
+
+    def build(self, start: str, description: str = "grammar") -> Grammar:
+        """Render with ``start`` as the start expansion."""
+        common = [f"{name}: {body}" for name, body in self.rules.items()]
+        guidance = [f"start: {start}", *common, *(f"{n}[lazy]: {b[0]}" for n, b in self.lazy.items())]
+        python = [f"start: {start}", *common, *(f"{n}: {b[1]}" for n, b in self.lazy.items())]
+        return Grammar("\n".join(python) + "\n", "\n".join(guidance) + "\n", description)
+
+
+def user_grammar(text: str, param: str = "grammar") -> Grammar:
+    """A Lark grammar sent by a client, checked by Lark itself; a broken one is a 400 with Lark's message."""
+    if not text.strip():
+        raise GrammarError("The grammar is empty.", param=param)
+    if re.search(r"^\s*start\s*:", text, re.MULTILINE) is None:
+        raise GrammarError("The grammar needs a 'start' rule.", param=param)
+    try:
+        _parser(text)
+    except lark.exceptions.LarkError as error:
+        raise GrammarError(f"Invalid Lark grammar: {error}".strip(), param=param) from None
+    return Grammar(text, text, "Lark grammar")
