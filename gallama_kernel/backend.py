@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
     from .config import ModelSpec
+    from .grammar import Grammar
 
 FinishReason = Literal["stop", "length"]
 
@@ -36,7 +37,9 @@ class GenerationRequest:
     """One generation: prompt tokens in, text events out.
 
     ``stop`` strings end the generation and are never part of the emitted text; ``max_tokens`` caps the
-    completion tokens (``finish_reason="length"``).
+    completion tokens (``finish_reason="length"``). With ``grammar``, every generated token keeps the output
+    a prefix of the grammar's language; the generation ends (``"stop"``) when the grammar is complete and the
+    model ends its turn, or when the grammar admits nothing more.
     """
 
     request_id: str
@@ -44,6 +47,7 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    grammar: Grammar | None = None
 
 
 @dataclass
@@ -123,6 +127,14 @@ class Backend(abc.ABC):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities()
+
+    def validate_grammar(self, grammar: Grammar) -> None:
+        """Check that this backend can enforce ``grammar``; raise :class:`~gallama_kernel.grammar.GrammarError`
+        (a 400) when it cannot. The default refuses: a backend without a grammar engine never ignores one."""
+        from .grammar import GrammarError
+
+        raise GrammarError(f"The '{self.name}' backend cannot enforce output constraints ({grammar.description}).",
+                           code="constraint_not_supported")
 
     def abort(self, request_id: str) -> None:  # noqa: B027 - optional for engines without queues
         """Stop a running generation as soon as possible."""

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backend import GenerationEvent, GenerationRequest, SamplingParams
+from ..grammar import Grammar
 from ..plugins import PluginHost
 from ..protocol.errors import InvalidRequest
 from ..protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from . import constraints, tools
 from .models import ModelRegistry, ServedModel
 from .plan import Delta, RequestPlan, ResponseTransformer
 
@@ -56,6 +58,12 @@ class Prepared:
     transformers: list[ResponseTransformer] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     echo: str = ""
+    tool_mode: str | None = None  # "auto" (calls or an answer) or "calls"; None: no function calling
+    constraint_after: str | None = None
+
+    @property
+    def grammar(self) -> Grammar | None:
+        return self.generation.grammar
 
     @property
     def id(self) -> str:
@@ -92,17 +100,42 @@ class ChatService:
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         model = self.registry.get(request.model)
         messages = [self._message_dict(m) for m in request.messages]
-        plan = RequestPlan(messages=messages, leading_prompt=request.leading_prompt or "", stop=request.stop_list)
+        plan = RequestPlan(messages=messages, leading_prompt=request.leading_prompt or "", stop=request.stop_list,
+                           constraint=constraints.from_request(request))
+        self._present_tools(model, request, plan)
         self.host.pm.hook.prepare_request(request=request, plan=plan)
+        grammar = None
+        if plan.constraint is not None:
+            grammar = constraints.compile_constraint(plan.constraint, plan.constraint_after)
+            model.backend.validate_grammar(grammar)
         prompt = model.renderer.render(plan.messages, **plan.template_vars) + plan.leading_prompt
         tokens = model.backend.tokenize(prompt)
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_tokens=tokens,
             max_tokens=token_budget(model, len(tokens), request.token_limit),
-            sampling=sampling_from(request), stop=plan.stop)
+            sampling=sampling_from(request), stop=plan.stop, grammar=grammar)
         transformers = [t for group in self.host.pm.hook.response_transformers(request=request) if group
                         for t in group]
-        return Prepared(model, generation, transformers)
+        tool_mode = None
+        if plan.constraint is not None and plan.constraint.kind == "tools":
+            tool_mode = "auto" if plan.constraint.choice == "auto" else "calls"
+        return Prepared(model, generation, transformers, tool_mode=tool_mode, constraint_after=plan.constraint_after)
+
+    @staticmethod
+    def _present_tools(model: ServedModel, request: ChatCompletionRequest, plan: RequestPlan) -> None:
+        """Show the tools to the model (its own template when it knows tools, else the generic format) and
+        render earlier calls and results."""
+        offered = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
+        choice = request.effective_tool_choice
+        name = choice if isinstance(choice, str) else choice.function.name
+        if tools.template_knows_tools(model.renderer.source if model.renderer.uses_model_template else None):
+            plan.messages = tools.template_history(plan.messages)
+            if offered and name != "none":
+                plan.template_vars["tools"] = offered
+            return
+        plan.messages = tools.render_history(plan.messages)
+        if offered and name != "none":
+            plan.messages = tools.add_system_text(plan.messages, tools.tool_system_prompt(offered, name))
 
     @staticmethod
     def _message_dict(message: Any) -> dict[str, Any]:
@@ -113,19 +146,43 @@ class ChatService:
                 data[key] = getattr(message, key)
         return data
 
+    async def _deltas(self, prepared: Prepared) -> AsyncIterator[tuple[list[Delta], GenerationEvent, str | None]]:
+        """(deltas, event, finish_reason) per generation event: tool calls parsed, transformers applied, and
+        the finished output checked against its grammar."""
+        calls = (tools.ToolCallStream(may_answer=prepared.tool_mode == "auto", after=prepared.constraint_after)
+                 if prepared.tool_mode else None)
+        text: list[str] = []
+        async for event in prepared.events():
+            final = event.finish_reason is not None
+            text.append(event.text)
+            if calls is not None:
+                raw = calls.feed(event.text) + (calls.finish() if final else [])
+            else:
+                raw = [{"content": event.text}] if event.text else []
+            deltas = [out for delta in raw for out in prepared.transform(delta)]
+            if final:
+                deltas += prepared.transform({}, final=True)
+            finish: str | None = event.finish_reason
+            if final and finish == "stop":
+                if prepared.grammar is not None:
+                    constraints.check_output(prepared.grammar, "".join(text))
+                if calls is not None and calls.calls:
+                    finish = "tool_calls"
+            yield deltas, event, finish
+
     async def chat_completion(self, prepared: Prepared) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": ""}
-        last = GenerationEvent("", 0)
-        async for event in prepared.events():
-            last = event
-            for delta in prepared.transform({"content": event.text} if event.text else {},
-                                            final=event.finish_reason is not None):
-                _merge(message, delta)
+        last, finish = GenerationEvent("", 0), None
+        async for deltas, event, reason in self._deltas(prepared):
+            for delta in deltas:
+                merge_delta(message, delta)
+            last, finish = event, reason
+        if message.get("tool_calls") and not message["content"]:
+            message["content"] = None
         return {
             "id": prepared.id, "object": "chat.completion", "created": prepared.created,
             "model": prepared.model.name,
-            "choices": [{"index": 0, "message": message, "finish_reason": last.finish_reason,
-                         "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage(last),
         }
 
@@ -141,12 +198,11 @@ class ChatService:
             return body
 
         yield chunk({"role": "assistant", "content": ""})
-        async for event in prepared.events():
-            final = event.finish_reason is not None
-            for delta in prepared.transform({"content": event.text} if event.text else {}, final=final):
+        async for deltas, event, finish in self._deltas(prepared):
+            for delta in deltas:
                 yield chunk(delta)
-            if final:
-                yield chunk({}, event.finish_reason)
+            if finish is not None:
+                yield chunk({}, finish)
                 if include_usage:
                     yield {"id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
                            "model": prepared.model.name, "choices": [], "usage": usage(event)}
@@ -202,9 +258,20 @@ class ChatService:
                 yield body
 
 
-def _merge(message: dict[str, Any], delta: Delta) -> None:
+def merge_delta(message: dict[str, Any], delta: Delta) -> None:
+    """Accumulate a streamed delta into a message: text concatenates, tool calls merge by ``index``."""
     for key, value in delta.items():
-        if isinstance(value, str) and isinstance(message.get(key), str):
+        if key == "tool_calls":
+            calls = message.setdefault("tool_calls", [])
+            for part in value:
+                index = part["index"]
+                if index == len(calls):
+                    calls.append({"id": part.get("id"), "type": part.get("type", "function"),
+                                  "function": {"name": "", "arguments": ""}})
+                function = calls[index]["function"]
+                for field_name, piece in part.get("function", {}).items():
+                    function[field_name] = function.get(field_name, "") + piece
+        elif isinstance(value, str) and isinstance(message.get(key), str):
             message[key] += value
         else:
             message[key] = value

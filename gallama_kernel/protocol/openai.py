@@ -46,6 +46,53 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and only then")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -127,25 +174,45 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     leading_prompt: str | None = Field(default=None, description="gallama: text that opens the assistant turn.")
+    regex_pattern: str | None = Field(default=None, description="gallama: a regex the whole output matches.")
+    regex_prefix_pattern: str | None = Field(
+        default=None, description="gallama: a regex the output starts with; free text follows.")
+    grammar: str | None = Field(default=None, description="gallama: a Lark grammar the output follows.")
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: ``auto`` when tools are given, ``none`` otherwise."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.response_format and self.response_format.get("type") != "text":
-            raise InvalidRequest(f"response_format type '{self.response_format.get('type')}' is not supported.",
-                                 param="response_format")
-        if self.tools:
-            raise InvalidRequest("tools are not supported by this server yet.", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice needs tools, which are not supported yet.", param="tool_choice")
+        names = [tool.function.name for tool in self.tools or []]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise InvalidRequest(f"Tool names must be unique; repeated: {', '.join(duplicates)}.", param="tools")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise InvalidRequest("tool_choice needs tools.", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(f"tool_choice names '{choice.function.name}', which is not in tools "
+                                 f"({', '.join(names)}).", param="tool_choice")
+        given = [name for name in ("regex_pattern", "regex_prefix_pattern", "grammar") if getattr(self, name)]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise InvalidRequest(f"Only one output constraint per request; got {' and '.join(given)}.",
+                                 param=given[1])
 
 
 class CompletionRequest(SamplingFields):
@@ -166,7 +233,8 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
 
 
-_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "TextPart", "StreamOptions"}
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "TextPart", "StreamOptions", "NamedToolChoice",
+               "ResponseFormat", "JsonSchemaFormat"}
 
 
 def error_param(loc: tuple[int | str, ...]) -> str | None:

@@ -15,6 +15,7 @@ from gallama_kernel.protocol.errors import InvalidRequest, ModelNotFound
 from gallama_kernel.protocol.openai import ChatCompletionRequest, CompletionRequest, validate_request
 
 USER = [{"role": "user", "content": "hi"}]
+F = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
 def chat(fields: dict[str, Any] | None = None, **body: Any) -> ChatCompletionRequest:
@@ -84,10 +85,16 @@ def test_wrong_content_type_names_the_message_content() -> None:
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"logit_bias": {"42": 1.0}}, "logit_bias"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tools": [F, F]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"tools": [F], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "params": {}}}]}, "tools.0.function.params"),
+    ({"tool_choice": "sometimes", "tools": [F]}, "tool_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_object"}, "regex_pattern": "a"}, "regex_pattern"),
+    ({"grammar": "start: \"a\"", "regex_prefix_pattern": "a"}, "grammar"),
 ])
 def test_unsupported_options_are_refused(body: dict[str, Any], param: str) -> None:
     assert refused(**body).param == param
@@ -95,6 +102,8 @@ def test_unsupported_options_are_refused(body: dict[str, Any], param: str) -> No
 
 @pytest.mark.parametrize("body", [
     {"n": 1}, {"logprobs": False}, {"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}},
+    {"tools": [F], "tool_choice": {"type": "function", "function": {"name": "f"}}, "parallel_tool_calls": False},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": True}}},
     {"stream": True, "stream_options": {"include_usage": True}}, {"user": "u1", "seed": 3},
 ])
 def test_harmless_values_of_those_options_are_accepted(body: dict[str, Any]) -> None:
