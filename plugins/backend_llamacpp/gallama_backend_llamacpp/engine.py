@@ -5,6 +5,10 @@ While streams are decoding, the prompt chunk is sized from the measured cost of 
 takes about ``step_target_s``: a long prompt cannot stall running streams. New requests join between steps; a finished
 or cancelled request leaves at once. A slot keeps the tokens whose KV it holds, so a new request whose prompt
 shares a prefix with what a free slot holds only computes the rest.
+
+A job may carry an llguidance matcher (its request's grammar): before that slot samples, the disallowed tokens'
+logits become ``-inf``; the sampled token advances the matcher; the generation ends when the grammar admits
+nothing more, and a matcher error ends the request with a :class:`BackendError`, never unconstrained text.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp as ll
+import llguidance
 
-from gallama_kernel.backend import GenerationEvent, GenerationRequest
+from gallama_kernel.backend import BackendError, GenerationEvent, GenerationRequest
 from gallama_kernel.pipeline.stops import StopMatcher
 
+from .grammar import TokenMask
 from .model import LlamaModel
 from .sampling import build_chain
 
@@ -32,9 +38,13 @@ Emit = Callable[[GenerationEvent | BaseException], None]
 
 @dataclass
 class Job:
+    """One request in the engine. ``matcher``: a fresh llguidance matcher for ``request.grammar`` (built by
+    the caller, off the engine thread), advanced by the engine as tokens are sampled."""
+
     request: GenerationRequest
     emit: Emit
     cancelled: bool = False
+    matcher: llguidance.LLMatcher | None = None
 
 
 @dataclass
@@ -50,6 +60,7 @@ class Slot:
     last_used: int = 0  # admission counter; among equal prefixes the least recently used slot is taken
     stops: StopMatcher | None = None
     decoder: codecs.IncrementalDecoder | None = None
+    matcher: llguidance.LLMatcher | None = None  # the job's grammar, when it has one
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class Engine:
         self.memory = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(config.n_batch, 0, 1)
         self.slots = [Slot(seq_id=i) for i in range(config.n_slots)]
+        self.mask = TokenMask(model.n_vocab)
         self.waiting: deque[Job] = deque()
         self.wakeup = threading.Condition()
         self.running = True
@@ -178,6 +190,7 @@ class Engine:
             slot.sampler = build_chain(job.request.sampling, self.model.n_vocab)
             slot.stops = StopMatcher(job.request.stop)
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            slot.matcher = job.matcher
 
     def _borrow_prefix(self, slot: Slot, shared: dict[int, int]) -> None:
         """Copy another slot's KV into ``slot`` when it shares a much longer prefix with ``prompt``.
@@ -185,7 +198,10 @@ class Engine:
         Requests that open like another conversation (the same long system prompt) then reuse it without
         taking that conversation's slot. Slots are separate KV streams, which llama.cpp copies whole.
         """
-        donor = max((s for s in self.slots if s is not slot), key=lambda s: shared[s.seq_id])
+        others = [s for s in self.slots if s is not slot]
+        if not others:  # a single slot has nobody to borrow from
+            return
+        donor = max(others, key=lambda s: shared[s.seq_id])
         length = shared[donor.seq_id]
         if length >= shared[slot.seq_id] + self.config.min_prefix_copy:
             ll.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
@@ -251,18 +267,29 @@ class Engine:
     def _sample(self, slot: Slot) -> None:
         job = slot.job
         assert job is not None and slot.stops is not None and slot.decoder is not None
+        matcher = slot.matcher
+        if matcher is not None:
+            error = self.mask.apply(matcher, ll.llama_get_logits_ith(self.ctx, slot.logit_index))
+            if error is not None:
+                self._fail(slot, error)
+                return
         token = ll.llama_sampler_sample(slot.sampler, self.ctx, slot.logit_index)
         request = job.request
         if self.model.is_eog(token):
             self._finish(slot, slot.decoder.decode(b"", final=True) + slot.stops.flush(), "stop")
             return
+        if matcher is not None and not matcher.consume_token(token):
+            self._fail(slot, matcher.get_error())
+            return
         slot.generated += 1
         text, stopped = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
         if stopped:
             self._finish(slot, text, "stop")
-        elif slot.generated >= request.max_tokens:
+            return
+        complete = matcher is not None and matcher.is_stopped()  # the grammar admits nothing more
+        if complete or slot.generated >= request.max_tokens:
             tail, _ = slot.stops.feed(slot.decoder.decode(b"", final=True))
-            self._finish(slot, text + tail + slot.stops.flush(), "length")
+            self._finish(slot, text + tail + slot.stops.flush(), "stop" if complete else "length")
         else:
             slot.pending = [token]
             if text:
@@ -276,12 +303,20 @@ class Engine:
         self._release(slot)  # before emitting: whoever sees the last event sees the slot free
         job.emit(event)
 
+    def _fail(self, slot: Slot, message: str) -> None:
+        """End the slot's request with an error: its matcher can no longer constrain the output."""
+        job = slot.job
+        assert job is not None
+        self._release(slot)
+        job.emit(BackendError(f"grammar enforcement failed: {message or 'unknown matcher error'}"))
+
     def _release(self, slot: Slot, keep_cache: bool = True) -> None:
         if not keep_cache:
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
             slot.cached = []
         slot.job = None
         slot.pending = []
+        slot.matcher = None
         self._free_sampler(slot)
 
     @staticmethod

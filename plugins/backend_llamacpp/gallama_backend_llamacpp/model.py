@@ -50,6 +50,7 @@ class LlamaModel:
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._eog = [bool(ll.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)]
+        self.eog_tokens = [t for t, eog in enumerate(self._eog) if eog]  # every token that ends a turn
         self.bos_text = self._special_text(ll.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(ll.llama_vocab_eos(self.vocab))
         raw = ll.llama_model_chat_template(self.ptr, None)
