@@ -1,9 +1,13 @@
 """The tool-call grammar: how a model calls functions, enforced token by token.
 
 A call is written ``<tool_call>{"name":"NAME","arguments":{...}}</tool_call>`` with compact JSON arguments valid
-against the function's ``parameters`` schema; parallel calls follow each other, one per line. This is the
+against the function's ``parameters`` schema; parallel calls follow each other directly. This is the
 Hermes/Qwen call syntax, so models trained on it write it naturally, and the same text re-renders a
 conversation's earlier calls exactly as they were generated (their KV stays cached).
+
+No newline between calls: with one allowed, greedy SmolLM2 wrote ``"\n"`` after every call instead of ending
+its turn and repeated the call until ``max_tokens`` (5 identical calls, ``length``); without it, it ends after
+the call (``tool_calls``).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from .json_schema import JsonSchemaCompiler
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
-CALL_SEPARATOR = "\n"
-EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+CALL_SEPARATOR = ""
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+"""A function without ``parameters`` takes none: its arguments are ``{}``."""
 
 
 def call_head(name: str) -> str:
@@ -64,6 +69,8 @@ def add_tool_calls(builder: GrammarBuilder, tools: list[ToolSpec], *, only: str 
     one = builder.rule("one_tool_call", " | ".join(rules.values()))
     if not parallel:
         return one
+    if not CALL_SEPARATOR:
+        return builder.rule("tool_calls", f"{one}+")
     return builder.rule("tool_calls", f"{one} ({literal(CALL_SEPARATOR)} {one})*")
 
 

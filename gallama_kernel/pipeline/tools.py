@@ -19,7 +19,7 @@ from ..grammar.tools import CALL_CLOSE, CALL_OPEN, CALL_SEPARATOR, CALL_TAIL, Pa
 from .plan import Delta
 
 TOOLS_VARIABLE = re.compile(r"\btools\b")
-CALL_START = re.compile(re.escape(CALL_SEPARATOR) + "?" + re.escape(CALL_OPEN) + r'\{"name":"([^"]*)","arguments":')
+CALL_START = re.compile(f"(?:{re.escape(CALL_SEPARATOR)})?" + re.escape(CALL_OPEN) + r'\{"name":"([^"]*)","arguments":')
 
 
 def template_knows_tools(template_source: str | None) -> bool:
@@ -33,7 +33,7 @@ def tool_system_prompt(tools: list[dict[str, Any]], choice: str) -> str:
         "You can call functions. These are available, one JSON description per line:",
         listing,
         "",
-        "To call functions, answer only with one line per call, exactly like:",
+        "To call functions, answer only with the calls, each exactly like:",
         f'{CALL_OPEN}{{"name":"<function name>","arguments":<arguments as a JSON object>}}{CALL_CLOSE}',
         "Results come back in <tool_response> blocks.",
     ]

@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gallama_kernel.grammar.tools import ToolSpec, call_text, grammar_for_tools, read_calls
+from gallama_kernel.grammar.tools import CALL_SEPARATOR, ToolSpec, call_text, grammar_for_tools, read_calls
 from gallama_kernel.pipeline.constraints import Constraint, compile_constraint
 from gallama_kernel.pipeline.service import merge_delta
 from gallama_kernel.pipeline.tools import ToolCallStream, render_history
@@ -26,14 +26,14 @@ NOW = call_text("now", "{}")
 def test_required_grammar_accepts_calls_and_refuses_text() -> None:
     grammar = grammar_for_tools(TOOLS, "required")
     assert grammar.matches(WEATHER)
-    assert grammar.matches(WEATHER + "\n" + NOW)
+    assert grammar.matches(WEATHER + CALL_SEPARATOR + NOW)
     assert not grammar.matches("hello")
     assert not grammar.matches(call_text("get_weather", '{"town":"Paris"}'))
     assert not grammar.matches(call_text("launch", "{}"))
 
 
 def test_parallel_false_and_named_choice_allow_one_call() -> None:
-    assert not grammar_for_tools(TOOLS, "required", parallel=False).matches(WEATHER + "\n" + NOW)
+    assert not grammar_for_tools(TOOLS, "required", parallel=False).matches(WEATHER + CALL_SEPARATOR + NOW)
     named = grammar_for_tools(TOOLS, "now")
     assert named.matches(NOW)
     assert not named.matches(WEATHER)
@@ -48,7 +48,7 @@ def test_auto_grammar_allows_text_or_calls_never_a_broken_call() -> None:
 
 def test_calls_are_read_back_by_the_parser() -> None:
     grammar = grammar_for_tools(TOOLS, "required")
-    text = WEATHER + "\n" + NOW
+    text = WEATHER + CALL_SEPARATOR + NOW
     calls = read_calls(grammar.parse(text), text, TOOLS)
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city":"Paris","unit":"c"}'), ("now", "{}")]
 
@@ -80,7 +80,7 @@ def chunks(text: str, cuts: list[int]) -> list[str]:
 
 @given(st.lists(st.integers(min_value=0, max_value=500), max_size=30))
 def test_stream_parser_is_independent_of_chunking(cuts: list[int]) -> None:
-    text = WEATHER + "\n" + NOW
+    text = WEATHER + CALL_SEPARATOR + NOW
     message, deltas = accumulate(ToolCallStream(may_answer=False), chunks(text, cuts))
     assert message["content"] == ""
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
@@ -117,7 +117,7 @@ def test_history_renders_calls_as_generated_and_results_as_a_user_turn() -> None
         {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
     ]
     out = render_history(messages)
-    assert out[1] == {"role": "assistant", "content": WEATHER + "\n" + NOW}
+    assert out[1] == {"role": "assistant", "content": WEATHER + CALL_SEPARATOR + NOW}
     assert out[2]["role"] == "user"
     assert '<tool_response name="get_weather">\n21C\n</tool_response>' in out[2]["content"]
     assert '<tool_response name="now">\nnoon\n</tool_response>' in out[2]["content"]
