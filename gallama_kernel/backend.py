@@ -59,6 +59,7 @@ class GenerationEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int = 0  # of ``completion_tokens``: written by passes before the answer
 
 
 @dataclass(frozen=True)

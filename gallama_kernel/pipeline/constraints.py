@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +30,10 @@ CACHE_SIZE = 128
 class Constraint:
     """One output constraint before compilation.
 
-    :param kind: ``json_object``, ``json_schema``, ``regex``, ``regex_prefix``, ``lark`` or ``tools``
+    :param kind: ``json_object``, ``json_schema``, ``regex``, ``regex_prefix``, ``lark``, ``tools``, or
+        ``custom`` (a plugin's own rules: see :meth:`custom`)
     :param param: the request field it comes from (named in errors)
-    :param spec: what defines it (schema, pattern, grammar text); JSON-serialisable
+    :param spec: what defines it (schema, pattern, grammar text; for ``custom`` the cache key); JSON-serialisable
     :param tools: for ``tools``: the functions; ``choice``: ``auto``, ``required`` or a function name
     :param answer: for ``tools`` with ``auto``: the constraint on a plain answer (``response_format``), if any
     """
@@ -44,6 +46,14 @@ class Constraint:
     parallel: bool = True
     answer: Constraint | None = None
     description: str = field(default="", compare=False)
+    build: Callable[[GrammarBuilder], str] | None = field(default=None, compare=False)
+
+    @classmethod
+    def custom(cls, key: str, build: Callable[[GrammarBuilder], str], description: str,
+               param: str = "messages") -> Constraint:
+        """A plugin's grammar: ``build(builder)`` adds its rules and returns the start expansion. ``key``
+        identifies the grammar in the compile cache (equal keys must build equal grammars)."""
+        return cls("custom", param, key, build=build, description=description)
 
     def key(self) -> str:
         return json.dumps([self.kind, self.spec, [(t.name, t.parameters) for t in self.tools], self.choice,
@@ -57,6 +67,8 @@ class Constraint:
             return JsonSchemaCompiler(builder, param=self.param).compile(self.spec)
         if self.kind in ("regex", "regex_prefix"):
             return add_regex(builder, self.spec, self.param, prefix=self.kind == "regex_prefix")
+        if self.kind == "custom" and self.build is not None:
+            return self.build(builder)
         if self.kind == "tools":
             answer = self.answer.add_to(builder) if self.answer else None
             _, start = tool_call_grammar(list(self.tools), self.choice, parallel=self.parallel,

@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from .constraints import Constraint
 
 Delta = dict[str, Any]
-"""A fragment of an assistant message: ``{"content": "..."}``, later also tool calls or metadata."""
+"""A fragment of an assistant message: ``{"content": "..."}``, ``{"tool_calls": [...]}``, or plugin keys such as
+``artifact_meta``. A delta holding ``SEGMENT: True`` opens a new choice in a non-streamed response (the key
+itself is never sent); streamed, every delta goes to choice 0."""
+
+SEGMENT = "_segment"
 
 
 class ResponseTransformer(Protocol):
-    """Turns the raw delta stream of one request into the deltas clients see."""
+    """Turns the raw delta stream of one request into the deltas clients see.
+
+    ``feed`` takes one delta and returns the deltas to send instead; ``finish`` returns what is left at the end.
+    A transformer may also define ``annotate(delta) -> Delta``: the kernel passes it every delta it sends by
+    itself (the streamed opening ``{"role": "assistant", "content": ""}`` and the closing delta that carries
+    ``finish_reason``), so metadata can be on every chunk.
+    """
 
     def feed(self, delta: Delta) -> list[Delta]: ...
 
     def finish(self) -> list[Delta]: ...
+
+
+@dataclass
+class GenerationPass:
+    """A generation that runs before the answer, in the same assistant turn (for example hidden thinking).
+
+    The pass's prompt is the plan's prompt as it stands (messages, ``leading_prompt``) followed by
+    ``opening``; the model continues under ``constraint`` (``None``: free text) with ``stop`` and at most
+    ``max_tokens``. Then ``done(plan, text)`` applies the result to the plan (typically it appends ``opening +
+    text`` to ``plan.leading_prompt``, so the answer continues after the thinking and reuses its KV cache).
+
+    :param show_as: ``"hidden"``, or send ``opening`` and the pass's text to the client as ``"content"`` or
+        as ``"reasoning_content"`` (streamed as generated)
+    """
+
+    opening: str = ""
+    constraint: Constraint | None = None
+    stop: list[str] = field(default_factory=list)
+    max_tokens: int | None = None
+    show_as: Literal["hidden", "content", "reasoning_content"] = "hidden"
+    done: Callable[[RequestPlan, str], None] | None = None
 
 
 @dataclass
@@ -26,7 +58,8 @@ class RequestPlan:
 
     ``constraint`` is the output constraint from the request fields (``response_format``, ``tools``,
     ``regex_pattern``…); a plugin may replace it. ``constraint_after``: the model first writes free text up to
-    and including this marker (for example ``</think>``), then the constraint applies.
+    and including this marker (for example ``</think>``), then the constraint applies. ``passes`` run in order
+    before the answer (see :class:`GenerationPass`); the constraint applies to the answer only.
     """
 
     messages: list[dict[str, Any]]
@@ -35,3 +68,4 @@ class RequestPlan:
     template_vars: dict[str, Any] = field(default_factory=dict)
     constraint: Constraint | None = None
     constraint_after: str | None = None
+    passes: list[GenerationPass] = field(default_factory=list)

@@ -16,7 +16,7 @@ from ..protocol.errors import InvalidRequest
 from ..protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 from . import constraints, tools
 from .models import ModelRegistry, ServedModel
-from .plan import Delta, RequestPlan, ResponseTransformer
+from .plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
 
 
 def sampling_from(request: SamplingFields) -> SamplingParams:
@@ -42,17 +42,44 @@ def token_budget(model: ServedModel, prompt_tokens: int, requested: int | None) 
 
 
 def usage(event: GenerationEvent) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": event.prompt_tokens,
         "completion_tokens": event.completion_tokens,
         "total_tokens": event.prompt_tokens + event.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": event.cached_tokens},
     }
+    if event.reasoning_tokens:
+        body["completion_tokens_details"] = {"reasoning_tokens": event.reasoning_tokens}
+    return body
+
+
+def _with_passes(event: GenerationEvent, passes: GenerationEvent) -> GenerationEvent:
+    """The answer's final event with the passes' tokens added (they count as reasoning tokens)."""
+    return GenerationEvent(event.text, event.completion_tokens + passes.completion_tokens, event.finish_reason,
+                           prompt_tokens=event.prompt_tokens + passes.prompt_tokens,
+                           cached_tokens=event.cached_tokens + passes.cached_tokens,
+                           reasoning_tokens=passes.completion_tokens)
+
+
+def _has_output(message: dict[str, Any]) -> bool:
+    return any(value for key, value in message.items() if key != "role")
+
+
+@dataclass
+class PreparedPass:
+    """A :class:`GenerationPass` with its compiled grammar."""
+
+    spec: GenerationPass
+    grammar: Grammar | None
 
 
 @dataclass
 class Prepared:
-    """One request ready for its backend."""
+    """One request ready for its backend.
+
+    With ``passes``, ``generation`` is the answer as prepared before them; it is rebuilt from ``plan`` once
+    they have run (their output is part of its prompt).
+    """
 
     model: ServedModel
     generation: GenerationRequest
@@ -61,6 +88,9 @@ class Prepared:
     echo: str = ""
     tool_mode: str | None = None  # "auto" (calls or an answer) or "calls"; None: no function calling
     constraint_after: str | None = None
+    plan: RequestPlan | None = None
+    passes: list[PreparedPass] = field(default_factory=list)
+    requested_tokens: int | None = None
 
     @property
     def grammar(self) -> Grammar | None:
@@ -70,13 +100,19 @@ class Prepared:
     def id(self) -> str:
         return self.generation.request_id
 
-    async def events(self) -> AsyncIterator[GenerationEvent]:
-        stream = self.model.backend.stream(self.generation)
+    async def events(self, generation: GenerationRequest | None = None) -> AsyncIterator[GenerationEvent]:
+        stream = self.model.backend.stream(generation or self.generation)
         try:
             async for event in stream:
                 yield event
         finally:
             await stream.aclose()
+
+    def render(self, opening: str = "") -> list[int]:
+        """Prompt tokens of the plan as it stands, followed by ``opening``."""
+        assert self.plan is not None
+        prompt = self.model.renderer.render(self.plan.messages, **self.plan.template_vars)
+        return self.model.backend.tokenize(prompt + self.plan.leading_prompt + opening)
 
     def transform(self, delta: Delta, final: bool = False) -> list[Delta]:
         deltas = [delta] if delta else []
@@ -88,6 +124,14 @@ class Prepared:
                 produced.extend(transformer.finish())
             deltas = produced
         return deltas
+
+    def annotate(self, delta: Delta) -> Delta:
+        """A delta the kernel sends by itself (opening, closing), passed to the transformers' ``annotate``."""
+        for transformer in self.transformers:
+            annotate = getattr(transformer, "annotate", None)
+            if annotate is not None:
+                delta = annotate(delta)
+        return delta
 
 
 class ChatService:
@@ -105,10 +149,8 @@ class ChatService:
                            constraint=constraints.from_request(request))
         self._present_tools(model, request, plan)
         self.host.pm.hook.prepare_request(request=request, plan=plan)
-        grammar = None
-        if plan.constraint is not None:
-            grammar = constraints.compile_constraint(plan.constraint, plan.constraint_after)
-            model.backend.validate_grammar(grammar)
+        grammar = self._grammar(model, plan.constraint, plan.constraint_after)
+        passes = [PreparedPass(p, self._grammar(model, p.constraint)) for p in plan.passes]
         prompt = model.renderer.render(plan.messages, **plan.template_vars) + plan.leading_prompt
         tokens = model.backend.tokenize(prompt)
         generation = GenerationRequest(
@@ -120,7 +162,17 @@ class ChatService:
         tool_mode = None
         if plan.constraint is not None and plan.constraint.kind == "tools":
             tool_mode = "auto" if plan.constraint.choice == "auto" else "calls"
-        return Prepared(model, generation, transformers, tool_mode=tool_mode, constraint_after=plan.constraint_after)
+        return Prepared(model, generation, transformers, tool_mode=tool_mode, constraint_after=plan.constraint_after,
+                        plan=plan, passes=passes, requested_tokens=request.token_limit)
+
+    @staticmethod
+    def _grammar(model: ServedModel, constraint: constraints.Constraint | None,
+                 after: str | None = None) -> Grammar | None:
+        if constraint is None:
+            return None
+        grammar = constraints.compile_constraint(constraint, after)
+        model.backend.validate_grammar(grammar)
+        return grammar
 
     @staticmethod
     def _present_tools(model: ServedModel, request: ChatCompletionRequest, plan: RequestPlan) -> None:
@@ -147,9 +199,49 @@ class ChatService:
                 data[key] = getattr(message, key)
         return data
 
+    async def _passes(self, prepared: Prepared) -> AsyncIterator[tuple[Delta, GenerationEvent | None]]:
+        """Run the plan's passes in order; yield the deltas shown to the client, then ``({}, totals)`` with
+        the passes' token counts. Afterwards ``prepared.generation`` is the answer, rebuilt from the plan."""
+        assert prepared.plan is not None
+        totals = GenerationEvent("", 0)
+        for index, item in enumerate(prepared.passes):
+            spec = item.spec
+            tokens = prepared.render(spec.opening)
+            limit = spec.max_tokens if spec.max_tokens is not None else prepared.requested_tokens
+            generation = GenerationRequest(
+                request_id=f"{prepared.id}-pass{index}", prompt_tokens=tokens,
+                max_tokens=token_budget(prepared.model, len(tokens), limit),
+                sampling=prepared.generation.sampling, stop=spec.stop, grammar=item.grammar)
+            parts: list[str] = []
+            if spec.opening and spec.show_as != "hidden":
+                yield {spec.show_as: spec.opening}, None
+            async for event in prepared.events(generation):
+                parts.append(event.text)
+                if event.text and spec.show_as != "hidden":
+                    yield {spec.show_as: event.text}, None
+                if event.finish_reason is not None:
+                    totals.prompt_tokens += event.prompt_tokens
+                    totals.completion_tokens += event.completion_tokens
+                    totals.cached_tokens += event.cached_tokens
+            if spec.done is not None:
+                spec.done(prepared.plan, "".join(parts))
+        tokens = prepared.render()
+        prepared.generation = GenerationRequest(
+            request_id=prepared.id, prompt_tokens=tokens,
+            max_tokens=token_budget(prepared.model, len(tokens), prepared.requested_tokens),
+            sampling=prepared.generation.sampling, stop=prepared.plan.stop, grammar=prepared.generation.grammar)
+        yield {}, totals
+
     async def _deltas(self, prepared: Prepared) -> AsyncIterator[tuple[list[Delta], GenerationEvent, str | None]]:
-        """(deltas, event, finish_reason) per generation event: tool calls parsed, transformers applied, and
-        the finished output checked against its grammar."""
+        """(deltas, event, finish_reason) per generation event: passes first, then the answer with tool calls
+        parsed, transformers applied, and the finished output checked against its grammar."""
+        reasoning: GenerationEvent | None = None
+        if prepared.passes:
+            async for delta, totals in self._passes(prepared):
+                if totals is not None:
+                    reasoning = totals
+                elif delta:
+                    yield [delta], GenerationEvent("", 0), None
         calls = (tools.ToolCallStream(may_answer=prepared.tool_mode == "auto", after=prepared.constraint_after)
                  if prepared.tool_mode else None)
         text: list[str] = []
@@ -169,26 +261,33 @@ class ChatService:
                     await asyncio.to_thread(constraints.check_output, prepared.grammar, "".join(text))
                 if calls is not None and calls.calls:
                     finish = "tool_calls"
+            if final and reasoning is not None:
+                event = _with_passes(event, reasoning)
             yield deltas, event, finish
 
     async def chat_completion(self, prepared: Prepared) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": ""}
+        messages: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
         last, finish = GenerationEvent("", 0), None
         async for deltas, event, reason in self._deltas(prepared):
             for delta in deltas:
-                merge_delta(message, delta)
-            last, finish = event, reason
-        if message.get("tool_calls") and not message["content"]:
-            message["content"] = None
+                if delta.pop(SEGMENT, False) and _has_output(messages[-1]):
+                    messages.append({"role": "assistant", "content": ""})
+                merge_delta(messages[-1], delta)
+            if reason is not None:
+                last, finish = event, reason
+        choices = []
+        for index, message in enumerate(messages):
+            if message.get("tool_calls") and not message["content"]:
+                message["content"] = None
+            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
         return {
             "id": prepared.id, "object": "chat.completion", "created": prepared.created,
-            "model": prepared.model.name,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": usage(last),
+            "model": prepared.model.name, "choices": choices, "usage": usage(last),
         }
 
     async def chat_chunks(self, prepared: Prepared, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         def chunk(delta: Delta, finish: str | None = None) -> dict[str, Any]:
+            delta.pop(SEGMENT, None)
             body: dict[str, Any] = {
                 "id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
                 "model": prepared.model.name,
@@ -198,12 +297,12 @@ class ChatService:
                 body["usage"] = None
             return body
 
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk(prepared.annotate({"role": "assistant", "content": ""}))
         async for deltas, event, finish in self._deltas(prepared):
             for delta in deltas:
                 yield chunk(delta)
             if finish is not None:
-                yield chunk({}, finish)
+                yield chunk(prepared.annotate({}), finish)
                 if include_usage:
                     yield {"id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
                            "model": prepared.model.name, "choices": [], "usage": usage(event)}

@@ -98,6 +98,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+FEATURE_FIELDS = {
+    "artifact": "gallama-feature-artifact",
+    "thinking_template": "gallama-feature-thinking",
+    "return_thinking": "gallama-feature-thinking",
+}
+"""Request fields of gallama's feature plugins: without the plugin, the 400 names the package to install."""
+
+
 class _Strict(BaseModel):
     """Common behaviour: plugin fields go to ``extensions``; anything else unknown is a 400."""
 
@@ -114,6 +122,11 @@ class _Strict(BaseModel):
     def _plugin_fields(self, info: ValidationInfo) -> _Strict:
         declared = (info.context or {}).get("fields", {})
         for name, value in (self.model_extra or {}).items():
+            if name not in declared and name in FEATURE_FIELDS:
+                package = FEATURE_FIELDS[name]
+                raise InvalidRequest(f"The field '{name}' needs the plugin package '{package}', which is not "
+                                     f"installed or is disabled (pip install {package}; see `gallama plugins`).",
+                                     param=name, code="plugin_required")
             if name not in declared:
                 raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
                                      code="unknown_field")

@@ -202,6 +202,11 @@ def test_hook_register_request_fields_undeclared_without_plugin() -> None:
     with pytest.raises(InvalidRequest) as caught:
         validate_request(ChatCompletionRequest, body, PluginHost().request_fields)
     assert caught.value.param == "artifact"
+    assert caught.value.code == "plugin_required"
+    assert "gallama-feature-artifact" in caught.value.message
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "sparkle": True}
+    with pytest.raises(InvalidRequest) as caught:
+        validate_request(ChatCompletionRequest, body, PluginHost().request_fields)
     assert caught.value.code == "unknown_field"
 
 
