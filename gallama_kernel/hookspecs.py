@@ -50,7 +50,10 @@ def prepare_request(request: ChatCompletionRequest, plan: RequestPlan) -> None:
 
     :param request: the validated request (read it; plugin fields are in ``request.extensions``).
     :param plan: the mutable plan: ``plan.messages`` (edit or add system prompts), ``plan.leading_prompt``
-        (text placed at the start of the assistant turn, not returned), ``plan.stop`` (stop strings).
+        (text placed at the start of the assistant turn, not returned), ``plan.stop`` (stop strings),
+        ``plan.constraint`` (the output constraint from the request fields; replace it, for example with
+        ``Constraint.custom``), ``plan.constraint_after`` (free text up to this marker comes first),
+        ``plan.passes`` (generations that run before the answer, such as hidden thinking).
         Raise ``gallama_kernel.protocol.errors.InvalidRequest`` to refuse the request with a 400.
     """
 
@@ -60,9 +63,11 @@ def response_transformers(request: ChatCompletionRequest) -> list[ResponseTransf
     """Return transformer objects for one request, or ``None``.
 
     :param request: the validated request.
-    :return: objects with ``feed(delta) -> list[Delta]`` and ``finish() -> list[Delta]``; they turn the raw
-        text stream into OpenAI deltas (tool calls, artifact metadata, hidden thinking). Called once per
-        request; the transformers themselves run per delta, pluggy is not involved per token.
+    :return: objects with ``feed(delta) -> list[Delta]`` and ``finish() -> list[Delta]`` (optionally
+        ``annotate(delta) -> Delta`` for the chunks the kernel sends itself); they reshape the delta stream
+        (artifact metadata, rewritten text). A delta with ``SEGMENT: True`` opens a new choice in a non-streamed
+        response. Called once per request; the transformers themselves run per delta, pluggy is not involved
+        per token.
     """
 
 
