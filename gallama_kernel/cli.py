@@ -14,7 +14,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
-from .backend import BackendError
 from .config import (
     DEFAULT_ENTRY,
     DEFAULT_MODEL_NAME,
@@ -48,14 +47,15 @@ def resolve_specs(settings: Settings, name: str | None, ids: tuple[str, ...]) ->
     return [build_spec({"model_id": DEFAULT_MODEL_NAME}, config, "default model")]
 
 
-def load_models(specs: list[ModelSpec], host: PluginHost) -> Any:
+def load_models(specs: list[ModelSpec], host: PluginHost, quiet: bool = False) -> Any:
+    """Load ``specs`` in this process (rich progress bars unless ``quiet``)."""
     from .pipeline.models import ModelRegistry, ServedModel
 
     registry = ModelRegistry()
     backends = host.backends
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=quiet) as progress:
         for spec in specs:
             if spec.backend not in backends:
                 failed = [f"{r.name}: {r.error}" for r in host.summaries() if r.status == "failed"]
@@ -87,23 +87,45 @@ def cli() -> None:
 @click.option("--disable-plugin", "deny", multiple=True, help="Do not load this plugin (repeatable).")
 def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | None, verbose: bool,
         allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
-    """Serve MODEL (an entry of model_config.yaml), the -id models, or the embedded default model."""
+    """Serve MODEL (an entry of model_config.yaml), the -id models, or the embedded default model.
+
+    One gateway on HOST:PORT routes requests by model name to one worker process per model (the same model
+    given twice: two replicas, balanced by outstanding requests). Models can be added and removed at run time
+    (POST /add_model, /remove_model).
+    """
     import uvicorn
 
-    from .api.app import create_app
+    from .gateway.app import create_gateway
+    from .gateway.pool import Pool
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
     try:
-        plugin_host = _host(allow, deny)
-        registry = load_models(resolve_specs(settings, model, ids), plugin_host)
-    except (ConfigError, BackendError) as error:
+        specs = resolve_specs(settings, model, ids)
+    except ConfigError as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         sys.exit(2)
-    app = create_app(registry, plugin_host)
+    worker_env = {"GALLAMA_WORKER_VERBOSE": "1" if verbose else "0"}
+    if allow:
+        worker_env["GALLAMA_PLUGINS"] = ",".join(allow)
+    if deny:
+        worker_env["GALLAMA_DISABLE_PLUGINS"] = ",".join(filter(None, [*deny, settings.disable_plugins or ""]))
+
+    def show(worker: Any, state: str) -> None:
+        detail = f" ({worker.error})" if worker.error and state in ("failed", "restarting") else ""
+        console.print(f"{worker.spec.name} replica {worker.replica}: {state}{detail}")
+
+    pool = Pool(worker_env, on_state=show)
+    app = create_gateway(pool, settings.home, settings.admin_key, initial=specs)
     bind_host, bind_port = host or settings.host, port or settings.port
-    console.print(f"serving {', '.join(m.name for m in registry.all())} on http://{bind_host}:{bind_port}")
-    uvicorn.run(app, host=bind_host, port=bind_port, log_level="debug" if verbose else "info")
+    console.print(f"gateway on http://{bind_host}:{bind_port}; loading {', '.join(s.name for s in specs)}")
+    config = uvicorn.Config(app, host=bind_host, port=bind_port, log_level="debug" if verbose else "info",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        console.print("[red]error:[/red] the gateway did not start (see the messages above)")
+        sys.exit(2)
 
 
 @cli.command("plugins")

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     port: int = 8000
     plugins: str | None = Field(default=None, description="Comma-separated allowlist of plugin names.")
     disable_plugins: str | None = Field(default=None, description="Comma-separated blocklist.")
+    admin_key: str | None = Field(default=None, description="Bearer key for /add_model, /remove_model, "
+                                  "/list_loaded_models; unset: open.")
 
     @property
     def home(self) -> Path:
@@ -153,6 +155,8 @@ def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source
     merged: dict[str, Any]
     if model_id in config:
         merged = {**config[model_id], **{k: v for k, v in values.items() if k != "model_id"}}
+        if values.get("model_name", model_id) != model_id and "aliases" not in values:
+            merged.pop("aliases", None)  # a renamed copy does not take over the entry's aliases
         merged.setdefault("model_name", model_id)
         target = str(merged.get("model_id", model_id))
     elif Path(model_id).expanduser().exists() or model_id.startswith("package:"):

@@ -24,11 +24,11 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"server-{self.port}.log"
-        env = {**os.environ, "GALLAMA_HOME_PATH": str(home)}
+        env = {**os.environ, "GALLAMA_HOME_PATH": str(home), **(env or {})}
         with self.log.open("w") as log:
             self.process = subprocess.Popen([str(GALLAMA), "run", "--host", "127.0.0.1", "--port", str(self.port),
                                              *args], env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,0 +1,253 @@
+"""The gateway: one address for every model. Routes each request by its ``model`` to a worker process,
+proxies streams chunk by chunk as they arrive, and manages models at run time.
+
+Endpoints besides the OpenAI ones: ``POST /add_model`` (one spec or a list; ``?wait=true`` answers once
+loaded), ``POST /remove_model`` (drains in-flight requests first), ``GET /list_loaded_models`` (state of
+every model and replica). With ``GALLAMA_ADMIN_KEY`` set, those three need ``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from .. import __version__
+from ..api.errors import install_error_handlers
+from ..api.openai_routes import read_json, unless_disconnected
+from ..config import ConfigError, ModelSpec, build_spec, load_model_config
+from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
+from . import mixture
+from .pool import Pool, Worker
+
+log = logging.getLogger("gallama.gateway")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request otherwise
+
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "invalid_request_error"
+
+
+class Gateway:
+    """The pool plus the HTTP client that talks to its workers."""
+
+    def __init__(self, pool: Pool, home: Any, admin_key: str | None = None) -> None:
+        self.pool = pool
+        self.home = home
+        self.admin_key = admin_key
+        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+    def check_admin(self, request: Request) -> None:
+        if not self.admin_key:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.admin_key.encode()):
+            raise Unauthorized("This endpoint needs the admin key (Authorization: Bearer <key>).",
+                               code="invalid_api_key")
+
+    def specs_from(self, body: Any) -> list[ModelSpec]:
+        """Validate ``/add_model`` bodies: one spec object or a list of them (keys as in ``-id``)."""
+        items = body if isinstance(body, list) else [body]
+        if not items or not all(isinstance(item, dict) for item in items):
+            raise InvalidRequest("Send a model spec object or a list of them.")
+        config = load_model_config(self.home)
+        specs = []
+        for index, item in enumerate(items):
+            try:
+                specs.append(build_spec(item, config, f"model {index}"))
+            except (ConfigError, ValidationError) as error:
+                raise InvalidRequest(str(error), param="model_id") from None
+        return specs
+
+    # -- proxying ------------------------------------------------------------------------------------------
+    async def forward(self, worker: Worker, path: str, body: bytes, stream: bool) -> Response:
+        """Send ``body`` to ``worker``; the response (SSE included) goes back as it arrives."""
+        worker.outstanding += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                worker.outstanding -= 1
+
+        try:
+            upstream = await self.client.send(
+                self.client.build_request("POST", worker.base_url + path, content=body,
+                                          headers={"content-type": "application/json"}), stream=True)
+        except httpx.HTTPError as error:
+            release()
+            raise ServiceUnavailable(f"The model '{worker.spec.name}' is unavailable ({type(error).__name__}); "
+                                     "it is being restarted.", code="worker_unavailable") from None
+        content_type = upstream.headers.get("content-type", "application/json")
+        if not content_type.startswith("text/event-stream"):
+            try:
+                data = await upstream.aread()
+            except httpx.HTTPError:
+                raise ServiceUnavailable(f"The worker serving '{worker.spec.name}' failed during the request.",
+                                         code="worker_failed") from None
+            finally:
+                await upstream.aclose()
+                release()
+            return Response(data, status_code=upstream.status_code, media_type=content_type)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for piece in upstream.aiter_raw():
+                    yield piece
+            except httpx.HTTPError:
+                failure = error_body(f"The worker serving '{worker.spec.name}' failed during the stream; it is "
+                                     "being restarted.", "server_error", code="worker_failed")
+                yield f"\n\ndata: {json.dumps(failure)}\n\ndata: [DONE]\n\n".encode()
+            finally:
+                await upstream.aclose()  # on client disconnect too: the worker then cancels the generation
+                release()
+
+        return StreamingResponse(relay(), status_code=upstream.status_code, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.pool.close()
+
+
+def create_gateway(pool: Pool, home: Any, admin_key: str | None = None,
+                   initial: list[ModelSpec] | None = None) -> FastAPI:
+    """The gateway app; ``initial`` models are loaded before it accepts connections (a failure aborts start)."""
+    gateway = Gateway(pool, home, admin_key)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if initial:
+            groups = pool.add(initial)
+            await pool.wait_loaded(groups)
+            failed = [f"{g.name}: {w.error}" for g in groups for w in g.workers if w.state == "failed"]
+            if failed:
+                await gateway.close()
+                raise RuntimeError("could not load " + "; ".join(failed))
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="gallama", version=__version__, lifespan=lifespan)
+    app.state.gateway = gateway
+    install_error_handlers(app)
+
+    async def route(request: Request, path: str) -> Response:
+        raw = await request.body()
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise InvalidRequest("Invalid value for 'model': a model name is required.", param="model")
+        group = pool.get(name)
+        stream = body.get("stream") is True
+        if path == "/v1/chat/completions" and "mixture_of_agents" in body:
+            return await mixture.serve(gateway, request, body, group)
+        worker = pool.pick(group)
+        if stream:
+            return await gateway.forward(worker, path, raw, stream)
+        return await unless_disconnected(request, gateway.forward(worker, path, raw, stream))
+
+    def endpoint(path: str) -> Any:
+        async def proxied(request: Request) -> Response:
+            return await route(request, path)
+
+        return proxied
+
+    for path in PROXIED:
+        app.add_api_route(path, endpoint(path), methods=["POST"], name=path.rsplit("/", 1)[-1])
+
+    def card(group: Any) -> dict[str, Any]:
+        return {"id": group.name, "object": "model", "created": group.created, "owned_by": "gallama",
+                "aliases": group.aliases, "backend": group.spec.backend, "state": group.state,
+                "replicas": len(group.workers)}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [card(g) for g in pool.all() if not g.removing]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        return card(pool.get(model))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        models: dict[str, Any] = {}
+        for group in pool.all():
+            replicas = await asyncio.gather(*(_worker_health(gateway, w) for w in group.workers))
+            models[group.name] = _merge_health(group.state, replicas)
+        ok = all(m["status"] == "ok" for m in models.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": models})
+
+    @app.get("/list_loaded_models")
+    async def list_loaded(request: Request) -> dict[str, Any]:
+        gateway.check_admin(request)
+        return {"models": [g.describe() for g in pool.all()]}
+
+    @app.post("/add_model")
+    async def add_model(request: Request, wait: bool = False) -> JSONResponse:
+        gateway.check_admin(request)
+        specs = gateway.specs_from(await read_json(request))
+        groups = pool.add(specs)
+        if not wait:
+            return JSONResponse({"models": [g.describe() for g in groups]}, status_code=202)
+        await pool.wait_loaded(groups)
+        failed = any(g.state == "failed" for g in groups)
+        return JSONResponse({"models": [g.describe() for g in groups]}, status_code=500 if failed else 200)
+
+    @app.post("/remove_model")
+    async def remove_model(request: Request) -> dict[str, Any]:
+        gateway.check_admin(request)
+        body = await read_json(request)
+        names = body.get("model_name") if isinstance(body, dict) else None
+        names = [names] if isinstance(names, str) else names
+        if not names or not all(isinstance(n, str) for n in names):
+            raise InvalidRequest("Give 'model_name': a name or a list of names.", param="model_name")
+        for name in names:
+            pool.get(name)  # 404 before anything is removed
+        removed = await asyncio.gather(*(pool.remove(n) for n in names))
+        return {"removed": [g.name for g in removed]}
+
+    return app
+
+
+async def _worker_health(gateway: Gateway, worker: Worker) -> dict[str, Any]:
+    base = worker.describe()
+    if worker.state != "ready":
+        return {**base, "status": worker.state}
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        reply = await gateway.client.get(worker.base_url + "/health", timeout=5)
+        models = reply.json().get("models", {})
+        return {**base, **next(iter(models.values()), {"status": "failed"})}
+    return {**base, "status": "unreachable"}
+
+
+def _merge_health(state: str, replicas: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's health: its state, counters summed over replicas, and the replicas themselves."""
+    merged: dict[str, Any] = {"status": "ok" if state == "ready" else state, "replicas": replicas}
+    for key in ("slots", "busy", "waiting", "steps"):
+        values = [r[key] for r in replicas if isinstance(r.get(key), int)]
+        if values:
+            merged[key] = sum(values)
+    lengths = {r["context_length"] for r in replicas if "context_length" in r}
+    if len(lengths) == 1:
+        merged["context_length"] = lengths.pop()
+    return merged

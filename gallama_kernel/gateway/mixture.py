@@ -1,0 +1,98 @@
+"""Mixture of agents: ``"mixture_of_agents": {"agents": ["model-a", "model-b"]}`` on a chat request.
+
+The conversation goes to every agent model at once (non-streamed, without the request's output constraints:
+agents answer freely); then the requested model writes the final answer with their replies in its system
+prompt, under the request's own constraints, streamed if asked. An agent that fails is reported in the
+response's ``mixture_of_agents`` list (``error`` instead of ``content``) and left out; the answer goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from ..api.openai_routes import unless_disconnected
+from ..protocol.errors import APIError, InvalidRequest
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .pool import ModelGroup
+
+FIELD = "mixture_of_agents"
+AGENT_DROPS = ("stream", "stream_options", FIELD, "tools", "tool_choice", "parallel_tool_calls", "response_format",
+               "regex_pattern", "regex_prefix_pattern", "grammar")
+INSTRUCTIONS = ("Other assistants have answered the user's latest message. Their replies follow, each under "
+                "its name. Use what is correct and useful in them, fix what is wrong, and write the best "
+                "final answer yourself; do not mention the other assistants.")
+
+
+def _agents(body: dict[str, Any]) -> list[str]:
+    spec = body.get(FIELD)
+    agents = spec.get("agents") if isinstance(spec, dict) else None
+    if (not isinstance(spec, dict) or set(spec) - {"agents"} or not isinstance(agents, list) or not agents
+            or not all(isinstance(a, str) for a in agents)):
+        raise InvalidRequest(f"'{FIELD}' must be {{\"agents\": [model names]}}.", param=FIELD)
+    return agents
+
+
+async def _ask(gateway: Gateway, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One agent's reply as a report entry: ``{"model", "content", "usage"}`` or ``{"model", "error"}``."""
+    try:
+        group = gateway.pool.get(name)
+        worker = gateway.pool.pick(group)
+        payload = {k: v for k, v in body.items() if k not in AGENT_DROPS} | {"model": name}
+        response = await gateway.forward(worker, "/v1/chat/completions", json.dumps(payload).encode(), False)
+        data = json.loads(bytes(response.body))
+        if response.status_code != 200:
+            return {"model": name, "error": data.get("error", {}).get("message", f"HTTP {response.status_code}")}
+        return {"model": group.name, "content": data["choices"][0]["message"].get("content") or "",
+                "usage": data.get("usage")}
+    except APIError as error:
+        return {"model": name, "error": error.message}
+    except (ValueError, KeyError, IndexError) as error:
+        return {"model": name, "error": f"unreadable reply: {error}"}
+
+
+def _with_replies(messages: list[Any], replies: list[dict[str, Any]]) -> list[Any]:
+    text = INSTRUCTIONS + "".join(f"\n\n[{r['model']}]\n{r['content']}" for r in replies if "content" in r)
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer"):
+        first = dict(messages[0])
+        content = first.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        first["content"] = f"{content}\n\n{text}" if content else text
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+async def serve(gateway: Gateway, request: Request, body: dict[str, Any], group: ModelGroup) -> Response:
+    agents = _agents(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("Invalid value for 'messages': a list is required.", param="messages")
+    replies = await asyncio.gather(*(_ask(gateway, name, body) for name in agents))
+    final = {k: v for k, v in body.items() if k != FIELD} | {"messages": _with_replies(messages, replies)}
+    worker = gateway.pool.pick(group)
+    raw = json.dumps(final).encode()
+    if body.get("stream") is True:
+        response = await gateway.forward(worker, "/v1/chat/completions", raw, True)
+        if not isinstance(response, StreamingResponse):
+            return response
+        report = {"object": "chat.completion.chunk", "model": group.name, "choices": [], FIELD: replies}
+
+        async def with_report() -> Any:
+            yield f"data: {json.dumps(report)}\n\n".encode()
+            async for piece in response.body_iterator:
+                yield piece
+
+        return StreamingResponse(with_report(), status_code=response.status_code, media_type="text/event-stream")
+    response = await unless_disconnected(request, gateway.forward(worker, "/v1/chat/completions", raw, False))
+    if response.status_code != 200:
+        return response
+    data = json.loads(bytes(response.body))
+    data[FIELD] = replies
+    return Response(json.dumps(data), media_type="application/json")

@@ -1,0 +1,91 @@
+"""A worker process: serves one model replica on 127.0.0.1, on a port the OS chooses.
+
+Started by the gateway as ``python -m gallama_kernel.gateway.worker SPEC_JSON``. It loads the model, binds
+``127.0.0.1:0``, prints one line ``READY {"port": N}`` on stdout (or ``FAILED {"error": "..."}``) and serves
+the single-model app. It exits when its stdin closes: the gateway holds the other end, so a worker never
+outlives its gateway, even one killed with ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+
+READY = "READY"
+FAILED = "FAILED"
+
+
+def _announce(kind: str, payload: dict[str, object]) -> None:
+    sys.stdout.write(f"{kind} {json.dumps(payload)}\n")
+    sys.stdout.flush()
+
+
+def _exit_with_parent() -> None:
+    """Exit as soon as stdin reaches end of file (the gateway is gone)."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except OSError:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="gallama-parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m gallama_kernel.gateway.worker SPEC_JSON", file=sys.stderr)
+        return 2
+    _exit_with_parent()
+    verbose = os.environ.get("GALLAMA_WORKER_VERBOSE") == "1"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s [worker]: %(message)s")
+    import uvicorn
+
+    from ..api.app import create_app
+    from ..backend import BackendError
+    from ..cli import _host, load_models
+    from ..config import ConfigError, ModelSpec
+
+    try:
+        spec = ModelSpec.model_validate_json(args[0])
+        host = _host()
+        registry = load_models([spec], host, quiet=True)
+    except (ConfigError, BackendError, ValueError) as error:
+        _announce(FAILED, {"error": str(error)})
+        return 3
+    except Exception as error:  # an unexpected failure must still reach the gateway as a message
+        logging.exception("worker failed to load")
+        _announce(FAILED, {"error": f"{type(error).__name__}: {error}"})
+        return 3
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    app = create_app(registry, host)
+    config = uvicorn.Config(app, log_level="debug" if verbose else "warning", access_log=verbose,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            _announce(READY, {"port": sock.getsockname()[1], "pid": os.getpid()})
+        await task
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
