@@ -60,6 +60,9 @@ class ModelSpec(BaseModel):
     max_concurrent_requests: int | None = Field(default=None, gt=0, description="Requests decoded at once.")
     n_threads: int | None = Field(default=None, gt=0, description="CPU threads for decoding.")
     aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
+    draft_model_id: str | None = Field(default=None, description="Draft model for speculative decoding "
+                                       "(backends that cannot use one refuse it at load).")
+    tp: bool | None = Field(default=None, description="Tensor parallelism across gpus (ExLlamaV2).")
     model_path: str | None = Field(default=None, description="Resolved model file (set by the loader).")
 
     @field_validator("cache_quant", mode="before")

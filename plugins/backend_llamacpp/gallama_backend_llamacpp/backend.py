@@ -95,6 +95,12 @@ class LlamaCppBackend(Backend):
         spec = self.spec
         if not spec.model_path:
             raise BackendError("no model file given")
+        if spec.draft_model_id:
+            raise BackendError("draft_model_id: speculative decoding is not implemented in the llama.cpp backend "
+                               "yet; remove draft_model_id to serve this model")
+        if spec.tp:
+            raise BackendError("tp (tensor parallelism) is an ExLlamaV2 setting; the llama.cpp backend splits "
+                               "layers across gpus by itself")
         quant = spec.cache_quant or "FP16"
         if quant not in CACHE_TYPES:
             raise BackendError(f"cache_quant={quant} is not available in llama.cpp; use one of "

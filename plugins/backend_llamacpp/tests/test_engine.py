@@ -111,8 +111,9 @@ def test_closing_the_stream_cancels_and_frees_the_slot(backend):
     assert backend.health() == {**backend.health(), "busy": 0, "steps": steps}
 
 
-def test_refuses_unavailable_cache_quant_and_gpus():
-    for update, message in (({"cache_quant": "Q6"}, "cache_quant=Q6"), ({"gpus": [10.0]}, "gpus=")):
+def test_refuses_what_it_cannot_honour():
+    for update, message in (({"cache_quant": "Q6"}, "cache_quant=Q6"), ({"gpus": [10.0]}, "gpus="),
+                            ({"draft_model_id": "tiny"}, "draft_model_id"), ({"tp": True}, "tp")):
         spec = ModelSpec(model_id=str(GGUF), model_path=str(GGUF), **update)
         with pytest.raises(BackendError, match=message):
             LlamaCppBackend(spec).load()
