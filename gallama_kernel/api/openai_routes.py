@@ -1,4 +1,4 @@
-"""``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
+"""``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from ..pipeline.embeddings import create_embeddings
 from ..pipeline.service import ChatService
 from ..plugins import PluginHost
 from ..protocol.errors import APIError, InvalidRequest, error_body
-from ..protocol.openai import ChatCompletionRequest, CompletionRequest, validate_request
+from ..protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, validate_request
 
 log = logging.getLogger("gallama.api")
 
@@ -79,6 +81,11 @@ def build_router(service: ChatService, host: PluginHost) -> APIRouter:
             return sse(service.completion_chunks(prepared, body.include_usage))
         return await unless_disconnected(request, service.completion(prepared))
 
+    @router.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def embeddings(request: Request) -> JSONResponse:
+        body = validate_request(EmbeddingRequest, await read_json(request), {})
+        return JSONResponse(await unless_disconnected(request, create_embeddings(service.registry, body)))
+
     def model_card(model: Any) -> dict[str, Any]:
         return {"id": model.name, "object": "model", "created": model.created, "owned_by": "gallama",
                 "aliases": model.aliases}
@@ -104,10 +111,10 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-def _body_schema(model: Any, host: PluginHost) -> dict[str, Any]:
-    """The request schema for the OpenAPI document, with the fields plugins declared."""
+def _body_schema(model: Any, host: PluginHost | None = None) -> dict[str, Any]:
+    """The request schema for the OpenAPI document, with the fields plugins declared (given ``host``)."""
     schema = model.model_json_schema()
     schema = _inline_refs(schema, schema.pop("$defs", {}))
-    for field in host.request_fields.values():
+    for field in host.request_fields.values() if host is not None else ():
         schema.setdefault("properties", {})[field.name] = {"description": f"{field.description} ({field.plugin})"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

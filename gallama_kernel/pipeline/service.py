@@ -15,6 +15,7 @@ from ..plugins import PluginHost
 from ..protocol.errors import InvalidRequest
 from ..protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 from . import constraints, tools
+from .embeddings import require_chat
 from .models import ModelRegistry, ServedModel
 from .plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
 
@@ -144,6 +145,7 @@ class ChatService:
     # -- chat ------------------------------------------------------------------------------------------
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         model = self.registry.get(request.model)
+        require_chat(model, "/v1/chat/completions")
         messages = [self._message_dict(m) for m in request.messages]
         plan = RequestPlan(messages=messages, leading_prompt=request.leading_prompt or "", stop=request.stop_list,
                            constraint=constraints.from_request(request))
@@ -310,6 +312,7 @@ class ChatService:
     # -- legacy completions ----------------------------------------------------------------------------
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
         model = self.registry.get(request.model)
+        require_chat(model, "/v1/completions")
         prompt = request.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = list(prompt)  # type: ignore[arg-type]

@@ -246,6 +246,50 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
 
 
+MAX_EMBEDDING_INPUTS = 2048
+"""Most texts one embeddings request may carry (OpenAI's limit)."""
+
+
+class EmbeddingRequest(_Strict):
+    """``POST /v1/embeddings``: ``input`` is a text or a list of texts; token-id input is refused."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1, strict=True)
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _plugin_fields(self, info: ValidationInfo) -> EmbeddingRequest:
+        """Overrides the chat requests' check: no plugin field applies here, every unknown field is a 400."""
+        for name in self.model_extra or {}:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name, code="unknown_field")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        """The input as a list of texts (after :meth:`refuse_unsupported`)."""
+        return [self.input] if isinstance(self.input, str) else [str(text) for text in self.input]
+
+    def refuse_unsupported(self) -> None:
+        given = self.input
+        if isinstance(given, str):
+            if not given:
+                raise InvalidRequest("'input' must not be an empty string.", param="input")
+            return
+        if not given:
+            raise InvalidRequest("'input' must not be an empty list.", param="input")
+        if not all(isinstance(item, str) for item in given):
+            raise InvalidRequest("Token-id input is not supported by this server; send the text instead.",
+                                 param="input", code="unsupported_input")
+        if len(given) > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequest(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts; got {len(given)}.",
+                                 param="input")
+        for index, text in enumerate(given):
+            if not text:
+                raise InvalidRequest(f"'input' item {index} is an empty string.", param=f"input.{index}")
+
+
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "TextPart", "StreamOptions", "NamedToolChoice",
                "ResponseFormat", "JsonSchemaFormat"}
 

@@ -1,0 +1,3 @@
+"""Embedding backend for gallama."""
+
+__version__ = "0.1.0"
