@@ -59,10 +59,12 @@ def prepare_request(request: ChatCompletionRequest, plan: RequestPlan) -> None:
 
 
 @hookspec
-def response_transformers(request: ChatCompletionRequest) -> list[ResponseTransformer] | None:
+def response_transformers(request: ChatCompletionRequest, plan: RequestPlan) -> list[ResponseTransformer] | None:
     """Return transformer objects for one request, or ``None``.
 
     :param request: the validated request.
+    :param plan: the request's plan after every ``prepare_request`` (read it; ``plan.state`` holds values
+        plugins left for themselves). An implementation may omit this parameter.
     :return: objects with ``feed(delta) -> list[Delta]`` and ``finish() -> list[Delta]`` (optionally
         ``annotate(delta) -> Delta`` for the chunks the kernel sends itself); they reshape the delta stream
         (artifact metadata, rewritten text). A delta with ``SEGMENT: True`` opens a new choice in a non-streamed

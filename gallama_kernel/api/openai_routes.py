@@ -44,7 +44,17 @@ async def unless_disconnected(request: Request, work: Awaitable[dict[str, Any]])
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let the generation unwind
+    if task.cancelled():
+        raise ClientDisconnected("The client disconnected before the response was ready.")
     return task.result()
+
+
+class ClientDisconnected(APIError):
+    """Nobody is left to read the response; the status is only logged."""
+
+    status = 499
+    type = "client_disconnected"
 
 
 def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:

@@ -69,3 +69,6 @@ class RequestPlan:
     constraint: Constraint | None = None
     constraint_after: str | None = None
     passes: list[GenerationPass] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    """Plugins' own per-request values, keyed by plugin: set in ``prepare_request``, read in
+    ``response_transformers`` (which receives the same plan)."""

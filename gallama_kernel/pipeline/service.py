@@ -155,11 +155,13 @@ class ChatService:
         passes = [PreparedPass(p, self._grammar(model, p.constraint)) for p in plan.passes]
         prompt = model.renderer.render(plan.messages, **plan.template_vars) + plan.leading_prompt
         tokens = model.backend.tokenize(prompt)
+        if passes:  # the first pass's prompt must fit before the response starts
+            token_budget(model, len(model.backend.tokenize(prompt + passes[0].spec.opening)), None)
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_tokens=tokens,
             max_tokens=token_budget(model, len(tokens), request.token_limit),
             sampling=sampling_from(request), stop=plan.stop, grammar=grammar)
-        transformers = [t for group in self.host.pm.hook.response_transformers(request=request) if group
+        transformers = [t for group in self.host.pm.hook.response_transformers(request=request, plan=plan) if group
                         for t in group]
         tool_mode = None
         if plan.constraint is not None and plan.constraint.kind == "tools":
@@ -209,10 +211,10 @@ class ChatService:
         for index, item in enumerate(prepared.passes):
             spec = item.spec
             tokens = prepared.render(spec.opening)
-            limit = spec.max_tokens if spec.max_tokens is not None else prepared.requested_tokens
+            room = token_budget(prepared.model, len(tokens), None)  # a 400 only when no room is left at all
             generation = GenerationRequest(
                 request_id=f"{prepared.id}-pass{index}", prompt_tokens=tokens,
-                max_tokens=token_budget(prepared.model, len(tokens), limit),
+                max_tokens=min(room, spec.max_tokens) if spec.max_tokens is not None else room,
                 sampling=prepared.generation.sampling, stop=spec.stop, grammar=item.grammar)
             parts: list[str] = []
             if spec.opening and spec.show_as != "hidden":
@@ -242,8 +244,8 @@ class ChatService:
             async for delta, totals in self._passes(prepared):
                 if totals is not None:
                     reasoning = totals
-                elif delta:
-                    yield [delta], GenerationEvent("", 0), None
+                elif delta:  # a visible pass: no transformer reads it, but each may annotate it
+                    yield [prepared.annotate(delta)], GenerationEvent("", 0), None
         calls = (tools.ToolCallStream(may_answer=prepared.tool_mode == "auto", after=prepared.constraint_after)
                  if prepared.tool_mode else None)
         text: list[str] = []

@@ -323,13 +323,27 @@ def test_hook_response_transformers() -> None:
         def response_transformers(self, request):
             return None
 
+    class FromState:  # reads what its own prepare_request left in plan.state
+        @hookimpl
+        def prepare_request(self, request, plan):
+            plan.state["from_state"] = request.user == "stateful"
+
+        @hookimpl
+        def response_transformers(self, request, plan):
+            return [Upper()] if plan.state.get("from_state") else None
+
     host = PluginHost()
     host.register(Plugin(), "upper")
     host.register(Silent(), "silent")
-    assert host.pm.hook.response_transformers(request=chat_request()) == []
-    groups = host.pm.hook.response_transformers(request=chat_request(user="shout"))
+    host.register(FromState(), "from_state")
+    plan = RequestPlan(messages=[])
+    assert host.pm.hook.response_transformers(request=chat_request(), plan=plan) == []
+    groups = host.pm.hook.response_transformers(request=chat_request(user="shout"), plan=plan)
     assert groups == [made]
     assert isinstance(groups[0][0], Upper)
+    stateful = RequestPlan(messages=[], state={"from_state": True})
+    assert [type(t) for g in host.pm.hook.response_transformers(request=chat_request(), plan=stateful)
+            for t in g] == [Upper]
 
     # and the service applies them to the delta stream
     registry = ModelRegistry()
