@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,6 +19,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import (
+    CONFIG_FILE,
     DEFAULT_ENTRY,
     DEFAULT_MODEL_NAME,
     ConfigError,
@@ -23,6 +28,7 @@ from .config import (
     build_spec,
     load_model_config,
     parse_id_string,
+    resolve_model_path,
 )
 from .plugins import PluginHost, create_host
 
@@ -142,6 +148,156 @@ def plugins_command(as_json: bool) -> None:
     for r in records:
         style = {"failed": "red", "disabled": "dim"}.get(r.status, "")
         table.add_row(r.name, r.version or "", r.status, ", ".join(r.hooks), r.error or "", style=style)
+    Console().print(table)
+
+
+def _registration_failures(host: PluginHost) -> str:
+    failed = [f"{r.name}: {r.error}" for r in host.summaries()
+              if r.status == "failed" and (r.error or "").startswith("register_models")]
+    return f"\nPlugins whose models were refused: {'; '.join(failed)}" if failed else ""
+
+
+def _exit_on_interrupt() -> Any:
+    """Make Ctrl-C end a download at once, returning the previous SIGINT handler (``None``: not installed).
+
+    A KeyboardInterrupt would only reach the command after huggingface_hub's download threads finish the files
+    they are on; the partial files they leave are resumed by the next run, so exiting now loses nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupted(_signum: int, _frame: Any) -> None:
+        console.print("[yellow]interrupted:[/yellow] run the same command again to resume the download")
+        sys.stderr.flush()
+        os._exit(130)
+
+    return signal.signal(signal.SIGINT, interrupted)
+
+
+@cli.command("download")
+@click.argument("model", metavar="NAME[:QUANT]")
+@click.option("--backend", default=None, metavar="BACKEND",
+              help="exllama (default), llama_cpp (where a GGUF exists), or another backend the model lists "
+                   "(gallama list available).")
+def download_command(model: str, backend: str | None) -> None:
+    """Download NAME at quantization QUANT from the Hugging Face hub and add it to model_config.yaml.
+
+    Files go to GALLAMA_HOME_PATH/models/<name>-<quant>-<backend>/; the entry NAME points at them, so
+    `gallama run NAME` serves the model. Without :QUANT the model's default quantization is used. An interrupted
+    download resumes when the same command runs again.
+    """
+    from .catalog import CatalogError, load_catalog, split_reference
+    from .download import DownloadError, fetch, human_size, register
+
+    settings = Settings()
+    host = _host()
+    name, quant = split_reference(model)
+    try:
+        item = load_catalog(host).resolve(name, quant, backend.lower() if backend else None)
+    except CatalogError as error:
+        console.print(f"[red]error:[/red] {escape(str(error) + _registration_failures(host))}")
+        sys.exit(2)
+    console.print(f"downloading [bold]{escape(item.model)}[/bold] {item.quant} ({item.backend}) from "
+                  f"{escape(item.source)}", highlight=False)
+    previous = _exit_on_interrupt()
+    try:
+        try:
+            result = fetch(item, settings.home)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        config_file = register(settings.home, result)
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        sys.exit(2)
+    except DownloadError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        sys.exit(1)
+    console.print(f"[green]done:[/green] {escape(str(result.model_path))} ({human_size(result.size)}); "
+                  f"entry '{escape(item.model)}' written to {escape(str(config_file))}", highlight=False)
+    if item.backend not in host.backends:
+        console.print(f"[yellow]note:[/yellow] no '{escape(item.backend)}' backend is installed (registered: "
+                      f"{escape(', '.join(sorted(host.backends)) or 'none')}); install its plugin to serve it")
+    console.print(f"serve it: gallama run {escape(item.model)}", highlight=False)
+
+
+@cli.group("list")
+def list_group() -> None:
+    """List models: the catalog (available) or what model_config.yaml holds (downloaded)."""
+
+
+@list_group.command("available")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_available(as_json: bool) -> None:
+    """Models `gallama download NAME:QUANT` knows, with their backends and quantizations."""
+    from .catalog import load_catalog
+
+    host = _host()
+    catalog = load_catalog(host)
+    if as_json:
+        click.echo(json.dumps([model.as_dict() for model in catalog], indent=2))
+        return
+    table = Table(title="gallama download NAME:QUANT [--backend BACKEND]")
+    table.add_column("model", no_wrap=True)
+    table.add_column("backend", no_wrap=True)
+    table.add_column("quantizations")
+    table.add_column("default", no_wrap=True)
+    notes = []
+    for model in catalog:
+        for index, backend in enumerate(model.backends):
+            default = ""
+            if backend == model.default_backend:
+                default = model.default_quant
+            table.add_row(escape(model.name) if index == 0 else "", escape(backend), ", ".join(model.quants(backend)),
+                          default, end_section=index == len(model.backends) - 1)
+        if model.note:
+            notes.append(f"{escape(model.name)}: {escape(model.note)}")
+    out = Console()
+    out.print(table)
+    for note in notes:
+        out.print(f"note: {note}")
+    failures = _registration_failures(host)
+    if failures:
+        console.print(f"[yellow]warning:[/yellow] {escape(failures.strip())}")
+
+
+@list_group.command("downloaded")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_downloaded(as_json: bool) -> None:
+    """The entries of model_config.yaml, with the path each one resolves to and its size on disk."""
+    from .download import MODELS_DIR, disk_usage, human_size
+
+    home = Settings().home
+    try:
+        config = load_model_config(home) if (home / CONFIG_FILE).exists() else {}
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        sys.exit(2)
+    models_root = (home / MODELS_DIR).resolve()
+    rows: list[dict[str, Any]] = []
+    for name, entry in config.items():
+        model_id = str(entry.get("model_id", ""))
+        row: dict[str, Any] = {"name": name, "backend": str(entry.get("backend", ModelSpec.model_fields["backend"]
+                                                                       .default)),
+                               "model_id": model_id, "path": None, "size_bytes": None, "downloaded": False,
+                               "error": None}
+        try:
+            path = Path(resolve_model_path(model_id)).resolve()
+            row.update(path=str(path), size_bytes=disk_usage(path), downloaded=path.is_relative_to(models_root))
+        except (ConfigError, OSError) as error:
+            row["error"] = str(error)
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{home / CONFIG_FILE}")
+    for column in ("name", "backend", "size", "path"):
+        table.add_column(column, no_wrap=column != "path")
+    for row in rows:
+        size = human_size(row["size_bytes"]) if row["size_bytes"] is not None else "missing"
+        where = row["path"] or f"{row['model_id']}: {row['error']}"
+        table.add_row(escape(row["name"]), escape(row["backend"]), size, escape(where),
+                      style="" if row["path"] else "red")
     Console().print(table)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import re
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,3 +188,50 @@ def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source
     except ValidationError as error:
         raise ConfigError(_format_validation(error, source)) from None
     return spec.model_copy(update={"model_path": resolve_model_path(target)})
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""What a name that gallama turns into a folder or a model_config.yaml key may look like."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is a plain name (letters, digits, ``.``, ``_``, ``-``; no separators, no leading dot);
+    otherwise raise :class:`ConfigError`: such a name could make gallama write outside ``GALLAMA_HOME_PATH``."""
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{what} {name!r} is refused: gallama writes it under GALLAMA_HOME_PATH, so it must be a "
+                          "plain name (letters, digits, '.', '_', '-'; not starting with '.'; no '/', no '..')")
+    return name
+
+
+def inside_home(home: Path, *parts: str) -> Path:
+    """``home/parts…``, refused with :class:`ConfigError` if it resolves (symlinks followed) outside ``home``."""
+    root = home.expanduser().resolve()
+    target = root.joinpath(*parts)
+    if not target.resolve().is_relative_to(root):
+        raise ConfigError(f"{target} is refused: it resolves to {target.resolve()}, outside GALLAMA_HOME_PATH "
+                          f"({root}); gallama writes only there (remove the symlink or pick another home)")
+    return target
+
+
+def save_model_entry(home: Path, name: str, values: dict[str, Any]) -> Path:
+    """Write ``values`` as entry ``name`` of ``model_config.yaml`` (keys of an existing entry that ``values`` does
+    not set are kept) and return the file. A new entry is appended, so the rest of the file stays as written."""
+    check_name(name, "model name")
+    path = inside_home(home, CONFIG_FILE).resolve()
+    config = load_model_config(home)
+    text = path.read_text()
+    if name not in config and config and text.endswith("\n"):
+        text += yaml.safe_dump({name: dict(values)}, sort_keys=False)
+    else:
+        config[name] = {**config.get(name, {}), **values}
+        text = yaml.safe_dump(config, sort_keys=False)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(temporary, path.stat().st_mode & 0o777)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -87,3 +87,15 @@ def register_commands(cli: click.Group) -> None:
 
     :param cli: the top-level click group; call ``cli.add_command(command)``.
     """
+
+
+@hookspec
+def register_models(register: Callable[[str, dict[str, Any]], None]) -> None:
+    """Add models to the catalog that ``gallama download`` and ``gallama list available`` use.
+
+    :param register: call ``register(name, entry)``; ``entry`` has the format of ``gallama_kernel/catalog.yaml``
+        (``kind``, ``description``, ``default_quant``, ``backends: {backend: {repo, revision, quants: {"4.0":
+        {revision | repo | file}}}}``). ``name`` becomes a folder under ``GALLAMA_HOME_PATH/models`` and a
+        ``model_config.yaml`` entry, so it must be a plain name; a malformed entry or a name already in the catalog
+        is an error recorded against the plugin.
+    """

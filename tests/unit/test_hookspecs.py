@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -436,3 +437,50 @@ def test_hook_register_commands(clean_cli: click.Group) -> None:
     assert result.output == "hello world\n"
     listing = runner.invoke(clean_cli, ["--help"])
     assert "hello-unit-test" in listing.output
+
+
+# -- register_models ---------------------------------------------------------------------------------
+
+def test_hook_register_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gallama_kernel.catalog import load_catalog
+
+    entry = {"kind": "chat", "description": "My model", "default_quant": "4.0",
+             "backends": {"llama_cpp": {"repo": "me/my-model-GGUF", "quants": {"4.0": {"file": "my-Q4_K_M.gguf"}}}}}
+
+    class Plugin:
+        @hookimpl
+        def register_models(self, register):
+            register("my-model", entry)
+
+    host = PluginHost()
+    host.register(Plugin(), "models")
+    assert host.records["models"].hooks == ["register_models"]
+    catalog = load_catalog(host)
+    assert "qwen-2.5-7B" in catalog.models  # the built-in catalog is still there
+    item = catalog.resolve("my-model", "4.0", "llama_cpp")
+    assert (item.repo, item.revision, item.file) == ("me/my-model-GGUF", "main", "my-Q4_K_M.gguf")
+    assert catalog.models["my-model"].plugin == "models"
+    assert host.records["models"].status == "loaded"
+
+    # and `gallama list available` shows it
+    monkeypatch.setenv("GALLAMA_HOME_PATH", str(tmp_path))
+    monkeypatch.setattr(gallama_cli, "_host", lambda *args: host)
+    result = CliRunner().invoke(gallama_cli.cli, ["list", "available", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "my-model" in [model["model"] for model in json.loads(result.stdout)]
+
+
+def test_hook_register_models_bad_entry_is_recorded() -> None:
+    from gallama_kernel.catalog import load_catalog
+
+    class Broken:
+        @hookimpl
+        def register_models(self, register):
+            register("../outside", {"default_quant": "4.0", "backends": {}})
+
+    host = PluginHost()
+    host.register(Broken(), "broken_models")
+    catalog = load_catalog(host)  # must not raise
+    assert "../outside" not in catalog.models
+    assert host.records["broken_models"].status == "failed"
+    assert "register_models" in (host.records["broken_models"].error or "")
