@@ -14,7 +14,15 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from . import __version__
@@ -200,9 +208,14 @@ def download_command(model: str, backend: str | None) -> None:
     console.print(f"downloading [bold]{escape(item.model)}[/bold] {item.quant} ({item.backend}) from "
                   f"{escape(item.source)}", highlight=False)
     previous = _exit_on_interrupt()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
     try:
         try:
-            result = fetch(item, settings.home)
+            with Progress(*columns, console=console, transient=False) as bars:
+                task = bars.add_task(f"{item.model} {item.quant}", total=None)
+                result = fetch(item, settings.home,
+                               lambda done, total: bars.update(task, completed=done, total=total))
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

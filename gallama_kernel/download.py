@@ -19,7 +19,11 @@ kept. Downloads use plain HTTP: Xet transfers (``hf_xet``) restart a file instea
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,9 +137,47 @@ def _explain(error: Exception, download: Download, folder: Path, endpoint: str) 
     return DownloadError(f"download of {download.source} failed: {type(error).__name__}: {error}; {resume}")
 
 
-def fetch(download: Download, home: Path) -> DownloadResult:
-    """Download ``download`` into its folder under ``home`` (resuming what an earlier run left), with
-    huggingface_hub's progress bars on stderr.
+Progress = Callable[[int, int | None], None]
+"""``progress(bytes_on_disk, expected_total_or_None)``, called a few times a second during a download."""
+
+
+def expected_size(download: Download, endpoint: str) -> int | None:
+    """Bytes the download will take, from the hub's file metadata; ``None`` when the hub does not say."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(endpoint=endpoint).model_info(download.repo, revision=download.revision, files_metadata=True)
+    except Exception:  # only for the progress display: any failure just leaves the total unknown
+        return None
+    sizes = {s.rfilename: s.size for s in info.siblings or []}
+    if download.file is not None:
+        return sizes.get(download.file)
+    kept = [size for name, size in sizes.items()
+            if not any(fnmatch.fnmatch(name, pattern) for pattern in download.ignore)]
+    return sum(kept) if kept and all(size is not None for size in kept) else None
+
+
+class _Watcher(threading.Thread):
+    """Reports the bytes under a folder (partial files included) until stopped."""
+
+    def __init__(self, folder: Path, total: int | None, progress: Progress, every_s: float = 0.25) -> None:
+        super().__init__(name="gallama-download-progress", daemon=True)
+        self.folder, self.total, self.progress, self.every_s = folder, total, progress, every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            self.report()
+
+    def report(self) -> None:
+        with contextlib.suppress(OSError):  # files come and go while huggingface_hub renames them
+            self.progress(disk_usage(self.folder), self.total)
+
+
+def fetch(download: Download, home: Path, progress: Progress | None = None) -> DownloadResult:
+    """Download ``download`` into its folder under ``home`` (resuming what an earlier run left). With
+    ``progress``, bytes on disk are reported as the transfer goes (huggingface_hub's own bars are off);
+    without it, huggingface_hub shows its progress bars on stderr.
 
     :raises ConfigError: the folder would be outside ``home``.
     :raises DownloadError: the hub refused or the transfer failed; partial files are kept for the next run.
@@ -154,6 +196,13 @@ def fetch(download: Download, home: Path) -> DownloadResult:
     folder.mkdir(parents=True, exist_ok=True)
     common: dict[str, Any] = {"revision": download.revision, "local_dir": folder, "cache_dir": cache,
                               "endpoint": endpoint}
+    watcher = None
+    if progress is not None:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        watcher = _Watcher(folder, expected_size(download, endpoint), progress)
+        watcher.start()
     try:
         if download.file is not None:
             hf_hub_download(download.repo, download.file, **common)
@@ -161,6 +210,10 @@ def fetch(download: Download, home: Path) -> DownloadResult:
             snapshot_download(download.repo, ignore_patterns=list(download.ignore) or None, **common)
     except (HfHubHTTPError, OSError, ValueError) as error:  # what huggingface_hub raises for hub and transfer errors
         raise _explain(error, download, folder, endpoint) from error
+    finally:
+        if watcher is not None:
+            watcher.stopped.set()
+            watcher.report()
     if not path.exists():
         raise DownloadError(f"the download finished but {path} is missing")
     target_folder(home, download)  # still inside home after the transfer (nothing swapped in a symlink)
