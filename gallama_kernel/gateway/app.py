@@ -35,6 +35,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied req
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+GATEWAY_KEEP_ALIVE_S = 30.0
 
 
 class Unauthorized(APIError):
@@ -49,8 +50,11 @@ class Gateway:
         self.pool = pool
         self.home = home
         self.admin_key = admin_key
+        # idle connections to workers are dropped by this side first (workers keep them WORKER_KEEP_ALIVE_S):
+        # never a request written into a connection the worker is closing at that moment
         self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT,
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                                            keepalive_expiry=GATEWAY_KEEP_ALIVE_S))
 
     def check_admin(self, request: Request) -> None:
         if not self.admin_key:

@@ -17,6 +17,7 @@ import sys
 import threading
 
 READY = "READY"
+WORKER_KEEP_ALIVE_S = 300  # longer than the gateway keeps idle connections: the gateway always closes first
 FAILED = "FAILED"
 
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.listen(512)
     app = create_app(registry, host)
     config = uvicorn.Config(app, log_level="debug" if verbose else "warning", access_log=verbose,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=WORKER_KEEP_ALIVE_S)
     server = uvicorn.Server(config)
 
     async def serve() -> None:

@@ -27,6 +27,10 @@ Terminals never match the empty string (Python Lark's Earley refuses them): make
 instead (``[TEXT]``)."""
 
 
+COMPLETE_LEX_MAX_CHARS = 2000
+"""Longest output the read-back retries with every shorter terminal match (see :meth:`Grammar.parse`)."""
+
+
 class GrammarError(InvalidRequest):
     """A constraint that cannot be compiled or enforced: a 400 naming the request field."""
 
@@ -114,6 +118,8 @@ class Grammar:
         try:
             return _parser(self.lark, "dynamic").parse(text)
         except lark.exceptions.LarkError:
+            if len(text) > COMPLETE_LEX_MAX_CHARS:  # trying every shorter match grows too fast beyond this
+                raise
             return _parser(self.lark, "dynamic_complete").parse(text)
 
     def matches(self, text: str) -> bool:

@@ -113,9 +113,10 @@ def mutate(data: st.DataObject, text: str) -> str:
 def test_grammar_accepts_exactly_what_python_accepts(pattern: str, data: st.DataObject, guidance: Guidance) -> None:
     translated = translate_regex(pattern)
     grammar = regex_grammar(pattern)
-    literals = sorted({c for c in translated if not c.isascii()} or {"é"})  # exact too: they match themselves
+    literals = sorted({c for c in translated if not c.isascii()})  # exact too: they match themselves
+    alphabet = ASCII | st.sampled_from(literals) if literals else ASCII  # \w beyond ASCII is narrowed away
     text = data.draw(st.from_regex(translated, fullmatch=True)
-                     | st.from_regex(pattern, fullmatch=True, alphabet=ASCII | st.sampled_from(literals)))
+                     | st.from_regex(pattern, fullmatch=True, alphabet=alphabet))
     assert re.fullmatch(pattern, text), "the translation accepts a string that Python rejects"
     assert re.fullmatch(translated, text), "ASCII must be translated exactly"
     assert grammar.matches(text)
