@@ -1,4 +1,16 @@
-"""The ``llama_cpp`` backend: a GGUF model served by one continuous-batching engine loop."""
+"""The ``llama_cpp`` backend: a GGUF model served by one continuous-batching engine loop.
+
+Speculative decoding is opt-in through ``draft_model_id`` (see ``speculative.py``): a GGUF draft model that
+shares the model's vocabulary, or the special value ``prompt_lookup`` (n-gram drafts copied from the prompt and
+the output so far, no extra model). Verification is exact for any sampler and grammar (each emitted token is
+sampled from the model's own distribution at its position; see ``engine.py``), so it only changes speed.
+Measured with ``bench/bench_speculative.py`` (SmolLM2-135M Q4_1, 2 CPU cores, greedy, medians of 10 runs, decode
+tok/s relative to the same engine with drafting off): prompt lookup 1.29x on quoting tasks (an agent returning
+JSON or code with a change; 62% of drafts accepted) but 0.96x on free text (33% accepted); a draft model as
+large as the target 0.71x / 0.52x (every greedy draft accepted: drafting K tokens costs K draft decodes). Hence
+neither is on by default: ``prompt_lookup`` is worth it for agents that echo their input, a draft model only
+when it is much smaller than the model.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ from gallama_kernel.config import ModelSpec
 from .engine import Engine, EngineConfig, Job
 from .grammar import GrammarEngine
 from .model import LlamaModel
+from .speculative import Drafter, load_drafter
 
 if TYPE_CHECKING:
     from gallama_kernel.grammar import Grammar
@@ -65,10 +78,20 @@ def plan_cache(spec: ModelSpec, n_ctx_train: int, bytes_per_token: float) -> tup
     return slots, seq_len
 
 
-def flash_attention(quant: str, gpu_layers: int) -> bool | None:
+def flash_attention(quant: str, gpu_layers: int, speculative: bool = False) -> bool | None:
     """Flash attention: required by a quantized V cache; off on the CPU, where it measured slower here
-    (single-stream decode 106 vs 115 tok/s, SmolLM2 on 2 cores); llama.cpp's choice on a GPU."""
-    if quant != "FP16":
+    (single-stream decode 106 vs 115 tok/s, SmolLM2 on 2 cores); llama.cpp's choice on a GPU.
+
+    With speculative decoding it is on on the CPU too: with an FP16 cache and flash attention off, llama.cpp's
+    logits for a token change (by up to ~1.2 for SmolLM2) when earlier tokens of its sequence are in the same
+    batch, so verifying ``[last, d1..dK]`` at once would not give bit for bit the logits of decoding one token
+    at a time, and greedy output could flip at near ties. With flash attention they are equal while a slot holds
+    under 256 KV cells (short chats, tool calls); beyond, no setting of this build makes them equal, and a near
+    tie may flip (the output is still a sample of the same model). Note: in ``bench/bench_speculative.py`` (one
+    slot of 2048 cells, in process) flash attention decoded 1.12x-1.20x faster than without, unlike the
+    measurement above: the CPU default may deserve a new measurement.
+    """
+    if quant != "FP16" or (speculative and not gpu_layers):
         return True
     return None if gpu_layers else False
 
@@ -95,9 +118,6 @@ class LlamaCppBackend(Backend):
         spec = self.spec
         if not spec.model_path:
             raise BackendError("no model file given")
-        if spec.draft_model_id:
-            raise BackendError("draft_model_id: speculative decoding is not implemented in the llama.cpp backend "
-                               "yet; remove draft_model_id to serve this model")
         if spec.tp:
             raise BackendError("tp (tensor parallelism) is an ExLlamaV2 setting; the llama.cpp backend splits "
                                "layers across gpus by itself")
@@ -112,15 +132,29 @@ class LlamaCppBackend(Backend):
                                    "omit gpus to run on the CPU")
             gpu_layers = -1
         self.model = LlamaModel(spec.model_path, progress, n_gpu_layers=gpu_layers)
-        self.grammars = GrammarEngine(self.model)  # llguidance's tokenizer: once per model (~0.2 s at 49k tokens)
+        try:
+            self._start(spec, quant, gpu_layers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, spec: ModelSpec, quant: str, gpu_layers: int) -> None:
+        """Everything after the model file: the cache plan, the drafter, the engine."""
+        assert self.model is not None
         slots, seq_len = plan_cache(spec, self.model.n_ctx_train, kv_bytes_per_token(self.model, quant))
+        drafter: Drafter | None = None
+        if spec.draft_model_id:
+            drafter = load_drafter(spec.draft_model_id, self.model, n_gpu_layers=gpu_layers)
+        self.grammars = GrammarEngine(self.model)  # llguidance's tokenizer: once per model (~0.2 s at 49k tokens)
         config = EngineConfig(n_slots=slots, n_ctx_per_slot=seq_len, n_threads=spec.n_threads or usable_cores(),
                               n_threads_batch=usable_cores(),
                               type_k=CACHE_TYPES[quant], type_v=CACHE_TYPES[quant],
-                              flash_attention=flash_attention(quant, gpu_layers))
+                              flash_attention=flash_attention(quant, gpu_layers, speculative=drafter is not None))
         try:
-            self.engine = Engine(self.model, config)
+            self.engine = Engine(self.model, config, drafter)
         except RuntimeError as error:
+            if drafter is not None:
+                drafter.close()
             raise BackendError(str(error)) from None
 
     def _require(self) -> tuple[LlamaModel, Engine]:
@@ -152,8 +186,9 @@ class LlamaCppBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(batching=True, max_concurrency=self._require()[1].config.n_slots,
-                            grammar_kinds=frozenset({"lark"}))
+        engine = self._require()[1]
+        return Capabilities(batching=True, max_concurrency=engine.config.n_slots, grammar_kinds=frozenset({"lark"}),
+                            speculative=engine.drafter is not None)
 
     def validate_grammar(self, grammar: Grammar) -> None:
         """Compile ``grammar`` with llguidance (cached for the request that follows); a broken one raises

@@ -9,6 +9,17 @@ shares a prefix with what a free slot holds only computes the rest.
 A job may carry an llguidance matcher (its request's grammar): before that slot samples, the disallowed tokens'
 logits become ``-inf``; the sampled token advances the matcher; the generation ends when the grammar admits
 nothing more, and a matcher error ends the request with a :class:`BackendError`, never unconstrained text.
+
+Speculative decoding (an optional :class:`~.speculative.Drafter`): every decoding slot may get up to ``draft_k``
+draft tokens ``d1..dK``; the step then feeds ``[last, d1..dK]`` for it, with logits at every position. The slot
+then samples position by position exactly as without drafts (grammar mask from the matcher state after the
+tokens accepted so far, the slot's own sampler chain, stop strings, ``max_tokens``): the token ``t`` sampled at
+position ``i`` is emitted, and the next position is only looked at while ``t == d(i+1)``. Every emitted token is
+thus drawn from the target model's distribution at its position, with the slot's sampler state advanced exactly
+as without drafts, so the output is that of plain decoding: greedy gives the same tokens, a seeded sampler the
+same draws, as long as llama.cpp gives a token the same logits in a multi-token batch as alone (bit for bit on
+the CPU with flash attention below 256 KV cells per slot; beyond, a near tie may flip). The KV of rejected draft
+positions is dropped. Slots in prefill never draft, and an engine without a drafter does no extra work.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from gallama_kernel.pipeline.stops import StopMatcher
 from .grammar import TokenMask
 from .model import LlamaModel
 from .sampling import build_chain
+from .speculative import Drafter, DraftRequest
 
 log = logging.getLogger("gallama.llama_cpp")
 
@@ -61,6 +73,9 @@ class Slot:
     stops: StopMatcher | None = None
     decoder: codecs.IncrementalDecoder | None = None
     matcher: llguidance.LLMatcher | None = None  # the job's grammar, when it has one
+    text: str = ""  # sampled text not emitted yet (a verification emits its tokens' text at once)
+    drafts: list[int] = field(default_factory=list)  # draft tokens fed after pending[0] in this step
+    draft_k: int = 0  # draft tokens to ask for next (adapted to the acceptance)
 
 
 @dataclass(frozen=True)
@@ -76,14 +91,17 @@ class EngineConfig:
     type_k: int = ll.GGML_TYPE_F16
     type_v: int = ll.GGML_TYPE_F16
     flash_attention: bool | None = None  # None: llama.cpp decides
+    draft_tokens: int = 4  # draft tokens a slot asks for first (with a drafter)
+    draft_max: int = 8  # and at most, after runs of fully accepted drafts
 
 
 class Engine:
     """The engine thread and its request queue."""
 
-    def __init__(self, model: LlamaModel, config: EngineConfig) -> None:
+    def __init__(self, model: LlamaModel, config: EngineConfig, drafter: Drafter | None = None) -> None:
         self.model = model
         self.config = config
+        self.drafter = drafter
         params = ll.llama_context_default_params()
         params.n_ctx = config.n_ctx_per_slot * config.n_slots
         params.n_batch = config.n_batch
@@ -102,6 +120,12 @@ class Engine:
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context (cache too large for memory?)")
         self.memory = ll.llama_get_memory(self.ctx)
+        if drafter is not None:
+            try:
+                drafter.open(params, config.n_slots)
+            except RuntimeError:
+                ll.llama_free(self.ctx)
+                raise
         self.batch = ll.llama_batch_init(config.n_batch, 0, 1)
         self.slots = [Slot(seq_id=i) for i in range(config.n_slots)]
         self.mask = TokenMask(model.n_vocab)
@@ -110,6 +134,8 @@ class Engine:
         self.running = True
         self.steps = 0
         self.admissions = 0
+        self.draft_proposed = 0  # draft tokens verified, and of those accepted
+        self.draft_accepted = 0
         self.decode_step_s: float | None = None  # moving averages, measured on this machine
         self.prompt_token_s: float | None = None
         self.thread = threading.Thread(target=self._loop, name="gallama-llama-cpp-engine", daemon=True)
@@ -128,7 +154,21 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"slots": len(self.slots), "busy": sum(s.job is not None for s in self.slots),
-                "waiting": len(self.waiting), "steps": self.steps, "context_length": self.config.n_ctx_per_slot}
+                "waiting": len(self.waiting), "steps": self.steps, "context_length": self.config.n_ctx_per_slot,
+                "draft_proposed": self.draft_proposed, "draft_accepted": self.draft_accepted}
+
+    def clear_cache(self) -> None:
+        """Forget what every slot (and the draft model) holds, as if just loaded. For tests and benchmarks that
+        compare runs from the same state: llama.cpp's logits differ in the last bits with the KV cells' layout,
+        which depends on a slot's history. Call it only while no request runs."""
+        with self.wakeup:
+            if self.waiting or any(slot.job is not None for slot in self.slots):
+                raise RuntimeError("clear_cache() while requests run")
+            ll.llama_memory_clear(self.memory, True)
+            for slot in self.slots:
+                slot.cached = []
+            if self.drafter is not None:
+                self.drafter.reset()
 
     def close(self) -> None:
         with self.wakeup:
@@ -139,6 +179,8 @@ class Engine:
             self._free_sampler(slot)
         ll.llama_batch_free(self.batch)
         ll.llama_free(self.ctx)
+        if self.drafter is not None:
+            self.drafter.close()
 
     # -- engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -191,6 +233,8 @@ class Engine:
             slot.stops = StopMatcher(job.request.stop)
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.matcher = job.matcher
+            slot.text = ""
+            slot.draft_k = self.config.draft_tokens
 
     def _borrow_prefix(self, slot: Slot, shared: dict[int, int]) -> None:
         """Copy another slot's KV into ``slot`` when it shares a much longer prefix with ``prompt``.
@@ -213,42 +257,105 @@ class Engine:
         batch, n = self.batch, 0
         decoding = [s for s in self.slots if s.job is not None and len(s.pending) == 1 and s.generated > 0]
         prefilling = [s for s in self.slots if s.job is not None and s not in decoding]
-        budget = self.config.n_batch - len(decoding)
+        started = time.perf_counter()
+        drafts = self._draft(decoding) if self.drafter is not None and decoding else {}
+        decode_tokens = len(decoding) + sum(len(d) for d in drafts.values())
+        budget = self.config.n_batch - decode_tokens
         if decoding:
             budget = min(budget, self._prefill_chunk())
         fed: list[tuple[Slot, list[int]]] = []
         for slot in decoding + prefilling:
-            take = slot.pending if slot in decoding else slot.pending[: max(budget, 0)]
+            is_decoding = slot in decoding
+            if is_decoding:
+                slot.drafts = drafts.get(slot.seq_id, [])
+                take = slot.pending + slot.drafts
+            else:
+                take = slot.pending[: max(budget, 0)]
+                budget -= len(take)
             if not take:
                 slot.logit_index = -1
                 continue
-            if slot not in decoding:
-                budget -= len(take)
             position = len(slot.cached)
             for offset, token in enumerate(take):
                 batch.token[n] = token
                 batch.pos[n] = position + offset
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq_id
-                batch.logits[n] = 0
+                batch.logits[n] = is_decoding  # a decoding slot samples at every position it feeds
                 n += 1
-            done = len(take) == len(slot.pending)
-            batch.logits[n - 1] = 1 if done else 0
-            slot.logit_index = n - 1 if done else -1
+            if is_decoding:
+                slot.logit_index = n - len(take)
+            else:
+                done = len(take) == len(slot.pending)
+                batch.logits[n - 1] = done
+                slot.logit_index = n - 1 if done else -1
             fed.append((slot, take))
         batch.n_tokens = n
-        started = time.perf_counter()
         status = ll.llama_decode(self.ctx, batch)
         self.steps += 1
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        self._learn_costs(time.perf_counter() - started, n - len(decoding), bool(decoding))
+        self._learn_costs(time.perf_counter() - started, n - decode_tokens, bool(decoding))
         for slot, take in fed:
             slot.cached.extend(take)
             slot.pending = slot.pending[len(take):]
         for slot, _ in fed:
             if slot.logit_index >= 0 and slot.job is not None:
-                self._sample(slot)
+                if slot.drafts:
+                    self._verify(slot)
+                else:
+                    token = self._sample(slot, slot.logit_index)
+                    if token is not None:
+                        slot.pending = [token]
+                        self._emit_text(slot)
+
+    def _draft(self, decoding: list[Slot]) -> dict[int, list[int]]:
+        """Draft tokens per seq_id for the decoding slots, never more than the request may still emit after the
+        token the slot samples anyway, nor than its KV has cells for."""
+        assert self.drafter is not None
+        requests: list[DraftRequest] = []
+        room = self.config.n_batch - len(decoding)  # the batch holds every decoding slot's token and its drafts
+        for slot in decoding:
+            job = slot.job
+            assert job is not None
+            k = min(slot.draft_k, job.request.max_tokens - slot.generated - 1,
+                    self.config.n_ctx_per_slot - len(slot.cached) - 1, room)
+            if k > 0 and not job.cancelled:
+                requests.append((slot.seq_id, slot.cached + slot.pending, k))
+                room -= k
+        if not requests:
+            return {}
+        limits = {seq_id: k for seq_id, _, k in requests}
+        return {seq_id: draft[: limits[seq_id]] for seq_id, draft in self.drafter.propose(requests).items()
+                if draft and seq_id in limits}
+
+    def _verify(self, slot: Slot) -> None:
+        """Sample ``slot`` at ``[last, d1..dK]`` position by position while its samples match the drafts; drop the
+        KV of the positions after the last match."""
+        job = slot.job
+        assert job is not None
+        drafts, slot.drafts = slot.drafts, []
+        accepted = 0
+        for i in range(len(drafts) + 1):
+            token = self._sample(slot, slot.logit_index + i)
+            if token is None:  # finished or failed: the slot is free
+                break
+            if i < len(drafts) and token == drafts[i] and not job.cancelled:
+                accepted += 1  # its KV (fed as d(i+1)) is right: the next position's logits are the model's own
+                continue
+            slot.pending = [token]
+            break
+        keep = len(slot.cached) - len(drafts) + accepted
+        ll.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1)
+        del slot.cached[keep:]
+        self.draft_proposed += len(drafts)
+        self.draft_accepted += accepted
+        if accepted == len(drafts):
+            slot.draft_k = min(self.config.draft_max, 2 * slot.draft_k)
+        else:
+            slot.draft_k = max(1, accepted + 1)
+        if slot.job is not None:
+            self._emit_text(slot)
 
     def _prefill_chunk(self) -> int:
         if self.prompt_token_s is None:
@@ -264,41 +371,50 @@ class Engine:
             per_token = max(elapsed - decode_part, 0.0) / prompt_tokens
             self.prompt_token_s = _average(self.prompt_token_s, per_token)
 
-    def _sample(self, slot: Slot) -> None:
+    def _sample(self, slot: Slot, index: int) -> int | None:
+        """Sample ``slot``'s next token from the logits at batch ``index``; its text goes to ``slot.text``.
+
+        Returns the token, or None when the generation ended with it (end of turn, stop string, grammar
+        complete, ``max_tokens``: the slot is then released and its last event emitted) or failed.
+        """
         job = slot.job
         assert job is not None and slot.stops is not None and slot.decoder is not None
         matcher = slot.matcher
         if matcher is not None:
-            error = self.mask.apply(matcher, ll.llama_get_logits_ith(self.ctx, slot.logit_index))
+            error = self.mask.apply(matcher, ll.llama_get_logits_ith(self.ctx, index))
             if error is not None:
                 self._fail(slot, error)
-                return
-        token = ll.llama_sampler_sample(slot.sampler, self.ctx, slot.logit_index)
+                return None
+        token = ll.llama_sampler_sample(slot.sampler, self.ctx, index)
         request = job.request
         if self.model.is_eog(token):
             self._finish(slot, slot.decoder.decode(b"", final=True) + slot.stops.flush(), "stop")
-            return
+            return None
         if matcher is not None and not matcher.consume_token(token):
             self._fail(slot, matcher.get_error())
-            return
+            return None
         slot.generated += 1
         text, stopped = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
         if stopped:
             self._finish(slot, text, "stop")
-            return
+            return None
         complete = matcher is not None and matcher.is_stopped()  # the grammar admits nothing more
         if complete or slot.generated >= request.max_tokens:
             tail, _ = slot.stops.feed(slot.decoder.decode(b"", final=True))
             self._finish(slot, text + tail + slot.stops.flush(), "stop" if complete else "length")
-        else:
-            slot.pending = [token]
-            if text:
-                job.emit(GenerationEvent(text, slot.generated))
+            return None
+        slot.text += text
+        return token
+
+    def _emit_text(self, slot: Slot) -> None:
+        if slot.text and slot.job is not None:
+            slot.job.emit(GenerationEvent(slot.text, slot.generated))
+            slot.text = ""
 
     def _finish(self, slot: Slot, text: str, reason: str) -> None:
         job = slot.job
         assert job is not None
-        event = GenerationEvent(text, slot.generated, reason,  # type: ignore[arg-type]
+        event = GenerationEvent(slot.text + text, slot.generated, reason,  # type: ignore[arg-type]
                                 prompt_tokens=len(job.request.prompt_tokens), cached_tokens=slot.reused)
         self._release(slot)  # before emitting: whoever sees the last event sees the slot free
         job.emit(event)
@@ -317,6 +433,8 @@ class Engine:
         slot.job = None
         slot.pending = []
         slot.matcher = None
+        slot.text = ""
+        slot.drafts = []
         self._free_sampler(slot)
 
     @staticmethod

@@ -76,6 +76,11 @@ class LlamaModel:
             cached = self._pieces[token] = self._render(token, special=False)
         return cached
 
+    def token_text(self, token: int) -> bytes:
+        """The vocabulary's own text of ``token`` (special tokens included), for comparing vocabularies."""
+        raw = ll.llama_vocab_get_text(self.vocab, token)
+        return raw or b""
+
     def is_eog(self, token: int) -> bool:
         return self._eog[token]
 

@@ -113,7 +113,8 @@ def test_closing_the_stream_cancels_and_frees_the_slot(backend):
 
 def test_refuses_what_it_cannot_honour():
     for update, message in (({"cache_quant": "Q6"}, "cache_quant=Q6"), ({"gpus": [10.0]}, "gpus="),
-                            ({"draft_model_id": "tiny"}, "draft_model_id"), ({"tp": True}, "tp")):
+                            ({"draft_model_id": "no-such-draft"}, "draft_model_id=no-such-draft: model file not found"),
+                            ({"tp": True}, "tp")):
         spec = ModelSpec(model_id=str(GGUF), model_path=str(GGUF), **update)
         with pytest.raises(BackendError, match=message):
             LlamaCppBackend(spec).load()
