@@ -281,7 +281,7 @@ class HttpTarget:
 
     def __init__(self, server: Server) -> None:
         self.name = server.spec.name
-        self.pids = [server.proc.pid]
+        self.pids = [server.proc.pid, *descendants(server.proc.pid)]  # gallama's workers are its children
         self.server = server
         self.client = AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="bench", max_retries=0,
                                   timeout=REQUEST_TIMEOUT_S)
@@ -425,6 +425,21 @@ class DecodeLoop:
 
 
 # -- CPU contention meter ----------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes started by ``pid``, their children and so on (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def _busy_cpu_s() -> float:

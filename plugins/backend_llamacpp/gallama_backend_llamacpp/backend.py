@@ -79,21 +79,22 @@ def plan_cache(spec: ModelSpec, n_ctx_train: int, bytes_per_token: float) -> tup
 
 
 def flash_attention(quant: str, gpu_layers: int, speculative: bool = False) -> bool | None:
-    """Flash attention: required by a quantized V cache; off on the CPU, where it measured slower here
-    (single-stream decode 106 vs 115 tok/s, SmolLM2 on 2 cores); llama.cpp's choice on a GPU.
+    """Flash attention: required by a quantized V cache and by speculative decoding on the CPU (below); else
+    llama.cpp's own choice (auto), on the CPU too.
 
-    With speculative decoding it is on on the CPU too: with an FP16 cache and flash attention off, llama.cpp's
+    On the CPU, auto measured faster than off in the same runs (bench_spine, SmolLM2 on 2 cores: 1 thread 91.9
+    vs 82.7 tok/s; bench_speculative: 1.12x-1.20x), reversing an earlier, noisier measurement (106 vs 115).
+
+    With speculative decoding it is on on the CPU: with an FP16 cache and flash attention off, llama.cpp's
     logits for a token change (by up to ~1.2 for SmolLM2) when earlier tokens of its sequence are in the same
     batch, so verifying ``[last, d1..dK]`` at once would not give bit for bit the logits of decoding one token
     at a time, and greedy output could flip at near ties. With flash attention they are equal while a slot holds
     under 256 KV cells (short chats, tool calls); beyond, no setting of this build makes them equal, and a near
-    tie may flip (the output is still a sample of the same model). Note: in ``bench/bench_speculative.py`` (one
-    slot of 2048 cells, in process) flash attention decoded 1.12x-1.20x faster than without, unlike the
-    measurement above: the CPU default may deserve a new measurement.
+    tie may flip (the output is still a sample of the same model).
     """
     if quant != "FP16" or (speculative and not gpu_layers):
         return True
-    return None if gpu_layers else False
+    return None
 
 
 def kv_bytes_per_token(model: LlamaModel, quant: str) -> float:
