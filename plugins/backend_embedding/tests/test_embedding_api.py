@@ -46,13 +46,6 @@ class EchoChat(Backend):
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    running = asyncio.new_event_loop()
-    yield running
-    running.close()
-
-
-@pytest.fixture(scope="module")
 def api(loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
     """``api(method, path, json)`` → httpx response, served by the kernel app in this process."""
     embedder = EmbeddingBackend(build_spec({"model_id": EMBEDDER}, {}, "test"))

@@ -31,14 +31,6 @@ def load(**values: object) -> EmbeddingBackend:
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """One event loop for the module, like a server's: the batching loop starts on it once."""
-    running = asyncio.new_event_loop()
-    yield running
-    running.close()
-
-
-@pytest.fixture(scope="module")
 def backend(loop: asyncio.AbstractEventLoop) -> Iterator[EmbeddingBackend]:
     fractions: list[float] = []
     loaded = EmbeddingBackend(build_spec({"model_id": "all-minilm-l6-v2"}, {}, "test"))

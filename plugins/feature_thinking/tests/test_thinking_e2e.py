@@ -10,24 +10,12 @@ import httpx
 import jsonschema
 import pytest
 from openai import OpenAI
+from test_thinking_unit import SEED_TEMPLATE  # the seed README's template, shared with the unit tests
 
 MODEL = "smollm2"
 THINKING_BUDGET = 96  # GALLAMA_THINKING_MAX_TOKENS of the test server (conftest.py)
 OPENING, CLOSING = "<chain_of_thought>", "</chain_of_thought>"
 
-SEED_TEMPLATE = """
-<chain_of_thought>
-  <problem>{problem_statement}</problem>
-  <initial_state>{initial_state}</initial_state>
-  <steps>
-    <step>{action1}</step>
-    <step>{action2}</step>
-    <!-- Add more steps as needed -->
-  </steps>
-  <answer>Provide the answer</answer>
-  <final_answer>Only the final answer, no need to provide the step by step problem solving</final_answer>
-</chain_of_thought>
-"""
 APPLES = ("I went to the market and bought 10 apples. I gave 2 apples to the neighbor and 2 to the repairman. I then "
           "went and bought 5 more apples and ate 1. How many apples did I remain with?")
 MESSAGES = [{"role": "user", "content": APPLES}]
