@@ -10,13 +10,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from ..pipeline.embeddings import create_embeddings
 from ..pipeline.service import ChatService
 from ..plugins import PluginHost
 from ..protocol.errors import APIError, InvalidRequest, error_body
 from ..protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, validate_request
+from .streaming import EventStream
 
 log = logging.getLogger("gallama.api")
 
@@ -57,19 +57,24 @@ class ClientDisconnected(APIError):
     type = "client_disconnected"
 
 
-def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
-    async def events() -> AsyncIterator[dict[str, str]]:
+def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventStream:
+    def event(payload: Any) -> bytes:
+        return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+    async def events() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                yield event(chunk)
         except APIError as error:
-            yield {"data": json.dumps(error.body())}
+            yield event(error.body())
         except Exception as error:  # headers are sent: report in-band, OpenAI clients raise on it
             log.exception("stream failed")
-            yield {"data": json.dumps(error_body(f"{type(error).__name__}: {error}", "server_error"))}
-        yield {"data": "[DONE]"}
+            yield event(error_body(f"{type(error).__name__}: {error}", "server_error"))
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]  # on disconnect too: ends the generation
+        yield b"data: [DONE]\n\n"
 
-    return EventSourceResponse(events(), sep="\n", ping=15)
+    return EventStream(events())
 
 
 def build_router(service: ChatService, host: PluginHost) -> APIRouter:

@@ -13,9 +13,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request, Response
-from fastapi.responses import StreamingResponse
 
 from ..api.openai_routes import unless_disconnected
+from ..api.streaming import EventStream
 from ..protocol.errors import APIError, InvalidRequest
 
 if TYPE_CHECKING:
@@ -80,16 +80,19 @@ async def serve(gateway: Gateway, request: Request, body: dict[str, Any], group:
     raw = json.dumps(final).encode()
     if body.get("stream") is True:
         response = await gateway.forward(worker, "/v1/chat/completions", raw, True)
-        if not isinstance(response, StreamingResponse):
+        if not isinstance(response, EventStream):
             return response
         report = {"object": "chat.completion.chunk", "model": group.name, "choices": [], FIELD: replies}
 
         async def with_report() -> Any:
-            yield f"data: {json.dumps(report)}\n\n".encode()
-            async for piece in response.body_iterator:
-                yield piece
+            try:
+                yield f"data: {json.dumps(report)}\n\n".encode()
+                async for piece in response.events:
+                    yield piece
+            finally:
+                await response.events.aclose()  # type: ignore[attr-defined]  # releases the worker's stream
 
-        return StreamingResponse(with_report(), status_code=response.status_code, media_type="text/event-stream")
+        return EventStream(with_report(), status_code=response.status_code)
     response = await unless_disconnected(request, gateway.forward(worker, "/v1/chat/completions", raw, False))
     if response.status_code != 200:
         return response

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             _announce(READY, {"port": sock.getsockname()[1], "pid": os.getpid()})
         await task
 
-    asyncio.run(serve())
+    loop_factory = getattr(config, "get_loop_factory", lambda: None)()  # uvloop where installed, as uvicorn.run
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve())
     return 0
 
 

@@ -1,0 +1,77 @@
+"""A lean ``text/event-stream`` response, shared by the workers and the gateway's relay.
+
+Each item of the iterator is written as one body message, as soon as it is produced: no per-event task, timer
+or cancel scope. Per response, one task watches for the client's disconnect (which stops the producer, and so
+the generation behind it) and one sends a keep-alive comment when nothing was written for ``ping_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+PING = b": ping\n\n"
+
+
+class EventStream(Response):
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], status_code: int = 200, ping_s: float = 15.0) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.init_headers(HEADERS)  # no body attribute: no content-length
+        self.events = events
+        self.ping_s = ping_s
+        self.disconnected = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if scope.get("method", "").upper() == "HEAD":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._close_events()
+            return
+        loop = asyncio.get_running_loop()
+        self.last_write = loop.time()
+        producer = asyncio.ensure_future(self._produce(send))
+        watchers = [asyncio.ensure_future(self._watch_disconnect(receive)),
+                    asyncio.ensure_future(self._ping(send, loop))]
+        try:
+            await asyncio.wait({producer, watchers[0]}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (producer, *watchers):
+                task.cancel()
+            await asyncio.gather(producer, *watchers, return_exceptions=True)
+            await self._close_events()
+        if not self.disconnected:
+            producer.result()  # a failure of the transport itself surfaces here
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _produce(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        async for data in self.events:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            self.last_write = loop.time()
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+
+    async def _ping(self, send: Send, loop: Any) -> None:
+        while True:
+            await asyncio.sleep(max(self.ping_s - (loop.time() - self.last_write), 0.05))
+            if loop.time() - self.last_write >= self.ping_s:
+                await send({"type": "http.response.body", "body": PING, "more_body": True})
+                self.last_write = loop.time()
+
+    async def _close_events(self) -> None:
+        close = getattr(self.events, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
