@@ -19,22 +19,23 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from .. import __version__
 from ..api.errors import install_error_handlers
 from ..api.openai_routes import read_json, unless_disconnected
+from ..api.streaming import EventStream
 from ..config import ConfigError, ModelSpec, build_spec, load_model_config
 from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from . import mixture
 from .pool import Pool, Worker
+from .upstream import UpstreamClient, UpstreamError
 
 log = logging.getLogger("gallama.gateway")
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request otherwise
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
 GATEWAY_KEEP_ALIVE_S = 30.0
 
 
@@ -44,17 +45,16 @@ class Unauthorized(APIError):
 
 
 class Gateway:
-    """The pool plus the HTTP client that talks to its workers."""
+    """The pool plus the HTTP clients that talk to its workers."""
 
     def __init__(self, pool: Pool, home: Any, admin_key: str | None = None) -> None:
         self.pool = pool
         self.home = home
         self.admin_key = admin_key
-        # idle connections to workers are dropped by this side first (workers keep them WORKER_KEEP_ALIVE_S):
-        # never a request written into a connection the worker is closing at that moment
-        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT,
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
-                                                            keepalive_expiry=GATEWAY_KEEP_ALIVE_S))
+        # proxied requests (see upstream.py). Idle connections to workers are dropped by this side first
+        # (workers keep them WORKER_KEEP_ALIVE_S): never a request written into a connection the worker is closing
+        self.upstream = UpstreamClient(GATEWAY_KEEP_ALIVE_S)
+        self.client = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(keepalive_expiry=GATEWAY_KEEP_ALIVE_S))
 
     def check_admin(self, request: Request) -> None:
         if not self.admin_key:
@@ -91,42 +91,43 @@ class Gateway:
                 worker.outstanding -= 1
 
         try:
-            upstream = await self.client.send(
-                self.client.build_request("POST", worker.base_url + path, content=body,
-                                          headers={"content-type": "application/json"}), stream=True)
-        except httpx.HTTPError as error:
+            upstream = await self.upstream.post("127.0.0.1", worker.port or 0, path, body)
+        except UpstreamError as error:
             release()
-            raise ServiceUnavailable(f"The model '{worker.spec.name}' is unavailable ({type(error).__name__}); "
-                                     "it is being restarted.", code="worker_unavailable") from None
+            raise ServiceUnavailable(f"The model '{worker.spec.name}' is unavailable ({error}); it is being "
+                                     "restarted.", code="worker_unavailable") from None
+        except BaseException:
+            release()
+            raise
         content_type = upstream.headers.get("content-type", "application/json")
         if not content_type.startswith("text/event-stream"):
             try:
-                data = await upstream.aread()
-            except httpx.HTTPError:
+                data = await upstream.read()
+            except UpstreamError:
                 raise ServiceUnavailable(f"The worker serving '{worker.spec.name}' failed during the request.",
                                          code="worker_failed") from None
             finally:
-                await upstream.aclose()
+                upstream.close()
                 release()
-            return Response(data, status_code=upstream.status_code, media_type=content_type)
+            return Response(data, status_code=upstream.status, media_type=content_type)
 
         async def relay() -> AsyncIterator[bytes]:
             try:
-                async for piece in upstream.aiter_raw():
+                async for piece in upstream.pieces():
                     yield piece
-            except httpx.HTTPError:
+            except UpstreamError:
                 failure = error_body(f"The worker serving '{worker.spec.name}' failed during the stream; it is "
                                      "being restarted.", "server_error", code="worker_failed")
                 yield f"\n\ndata: {json.dumps(failure)}\n\ndata: [DONE]\n\n".encode()
             finally:
-                await upstream.aclose()  # on client disconnect too: the worker then cancels the generation
+                upstream.close()  # unless read to the end; on client disconnect: the worker cancels the generation
                 release()
 
-        return StreamingResponse(relay(), status_code=upstream.status_code, media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return EventStream(relay(), status_code=upstream.status)
 
     async def close(self) -> None:
         await self.client.aclose()
+        self.upstream.close()
         await self.pool.close()
 
 
