@@ -3,10 +3,12 @@
 
 Targets, all the embedded SmolLM2-135M-Instruct Q4_1 GGUF with one slot, greedy (``repeat_penalty`` 1.0):
 
-* ``plain``: no ``draft_model_id``: what a model gets by default (flash attention off on the CPU);
-* ``plain-fa``: the configuration speculation runs in (flash attention on, see ``backend.flash_attention``) with
-  drafting switched off: separates the effect of flash attention from the effect of drafts, and is the
-  reference output of the speculative targets;
+* ``plain``: no ``draft_model_id``: what a model gets by default (flash attention as llama.cpp chooses: on for this
+  build, CPU included);
+* ``plain-fa``: the configuration speculation runs in (flash attention forced on, see
+  ``backend.flash_attention``) with drafting switched off: the reference output of the speculative targets. Now
+  that the default is on too, it matches ``plain``; it separated the effect of flash attention from the effect
+  of drafts while the CPU default was off;
 * ``lookup``: ``draft_model_id=prompt_lookup`` (n-gram drafts from the prompt and the output so far: the last
   3, else 2 tokens);
 * ``lookup-n1``: the same, falling back to the last single token too (``PromptLookup(min_n=1)``; not the default);

@@ -2,8 +2,9 @@
 """Spine benchmark: gallama vs llama-cpp-python's own server vs a bare llama.cpp decode loop.
 
 One run starts gallama (default threads, plus optional ``n_threads`` variants) and ``python -m llama_cpp.server``
-(once per ``--peer-threads`` value) on free 127.0.0.1 ports, all serving the embedded SmolLM2-135M GGUF, and
-measures each with the official ``openai`` client (streaming chat, temperature 0, ``repeat_penalty`` 1.0):
+(once per ``--peer-threads`` value and ``--peer-flash-attn`` setting) on free 127.0.0.1 ports, all serving the
+embedded SmolLM2-135M GGUF, and measures each with the official ``openai`` client (streaming chat, temperature 0,
+``repeat_penalty`` 1.0):
 
 1. TTFT (request sent → first content token), median over the single-stream runs;
 2. single-stream decode tok/s = (completion tokens - 1) / (first → last content token), median;
@@ -178,6 +179,7 @@ class ServerSpec:
     name: str
     kind: str  # "gallama" or "peer"
     threads: int | None  # None: the server's default
+    flash_attn: bool = False  # peer only (its default is off; gallama follows llama.cpp's choice)
 
     def argv(self, port: int, gguf: Path) -> list[str]:
         if self.kind == "gallama":
@@ -186,7 +188,8 @@ class ServerSpec:
                 argv += ["-id", f"model_id={GALLAMA_MODEL} n_threads={self.threads}"]
             return argv
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                "--port", str(port), "--n_threads", str(self.threads), "--n_ctx", str(N_CTX)]
+                "--port", str(port), "--n_threads", str(self.threads), "--n_ctx", str(N_CTX),
+                "--flash_attn", str(self.flash_attn)]
 
 
 class Server:
@@ -495,12 +498,14 @@ class Plan:
     peer_threads: list[int]
     loop_threads: list[int]
     quiet_wait_s: float
+    peer_flash_attn: list[bool] = field(default_factory=lambda: [False, True])
     default_threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
 
     def specs(self) -> list[ServerSpec]:
         specs = [ServerSpec("gallama", "gallama", None)]
         specs += [ServerSpec(f"gallama t={t}", "gallama", t) for t in self.gallama_threads]
-        specs += [ServerSpec(f"peer t={t}", "peer", t) for t in self.peer_threads]
+        specs += [ServerSpec(f"peer t={t}{' fa' if fa else ''}", "peer", t, fa)
+                  for t in self.peer_threads for fa in self.peer_flash_attn]
         return specs
 
 
@@ -661,7 +666,7 @@ def print_noise_warning(result: dict[str, Any]) -> None:
 
 def print_ratios(ratios: dict[str, Any], other_cores: float) -> None:
     dvp, dvl = ratios["decode_vs_peer"], ratios["decode_vs_loop"]
-    print(f"\nratios (peer = {ratios['best_peer']}, the peer's best single-stream thread setting; "
+    print(f"\nratios (peer = {ratios['best_peer']}, the peer's best single-stream setting; "
           f"loop = {ratios['loop']}, gallama's default thread count)")
     print(f"  decode tok/s     gallama / peer  {_fmt(dvp, '.3f'):>6}   goal >= 1.10, bar >= 1.0: "
           f"{_verdict(dvp, 1.10, 1.0)}")
@@ -683,6 +688,14 @@ def _thread_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _switch_list(text: str) -> list[bool]:
+    values = {"on": True, "off": False}
+    try:
+        return [values[v.strip().lower()] for v in text.split(",") if v.strip()]
+    except KeyError:
+        raise argparse.ArgumentTypeError("use on, off or on,off") from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, Path | None, Path]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no thread variants of gallama")
@@ -692,6 +705,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, Path | None, Pa
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--gallama-threads", type=_thread_list, help="extra gallama n_threads (default 1; quick none)")
     parser.add_argument("--peer-threads", type=_thread_list, default=[1, 2], help="peer n_threads (default 1,2)")
+    parser.add_argument("--peer-flash-attn", type=_switch_list, default=[False, True],
+                        help="peer --flash_attn settings, each with every --peer-threads (default off,on)")
     parser.add_argument("--loop-threads", type=_thread_list,
                         help="low-level loop threads (default: gallama's default and every --gallama-threads)")
     parser.add_argument("--quiet-wait", type=float, default=10.0,
@@ -708,7 +723,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, Path | None, Pa
     gallama_threads = args.gallama_threads if args.gallama_threads is not None else ([] if args.quick else [1])
     cpus = len(os.sched_getaffinity(0))
     loop_threads = args.loop_threads or sorted({cpus, *gallama_threads}, reverse=True)
-    plan = Plan(runs, args.rounds, args.max_tokens, gallama_threads, args.peer_threads, loop_threads, args.quiet_wait)
+    plan = Plan(runs, args.rounds, args.max_tokens, gallama_threads, args.peer_threads, loop_threads, args.quiet_wait,
+                args.peer_flash_attn)
     return plan, args.json, args.log_dir
 
 

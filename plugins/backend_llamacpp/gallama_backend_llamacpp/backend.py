@@ -79,24 +79,23 @@ def plan_cache(spec: ModelSpec, n_ctx_train: int, bytes_per_token: float) -> tup
 
 
 def flash_attention(quant: str, gpu_layers: int, speculative: bool = False) -> bool | None:
-    """Flash attention: required by a quantized V cache and by speculative decoding on the CPU (below); off for
-    other CPU engines; llama.cpp's choice on a GPU.
+    """Flash attention: required by a quantized V cache and by speculative decoding on the CPU (below);
+    llama.cpp's choice otherwise, which is on for this build, CPU included.
 
-    Off on the CPU was measured faster once (single-stream decode 106 vs 115 tok/s, SmolLM2 on 2 cores); later
-    runs measured llama.cpp's choice faster (bench_spine, 1 thread: 91.9 vs 82.7 tok/s; bench_speculative:
-    1.12x-1.20x). Switching changes greedy outputs (different rounding), which the suite's model-dependent tests
-    see: to be decided with a longer measurement.
+    Measured on 2 cores with SmolLM2 (in-process decode loop, on and off interleaved, 128 tokens): 126.5 vs
+    112.7 tok/s at 2 threads, 92.8 vs 87.4 at 1 thread, 104.2 vs 94.4 at 2 threads after a ~500-token prompt.
+    It also keeps greedy output reproducible: with flash attention off, llama.cpp's logits for a token change
+    (by up to ~1.2 for SmolLM2) with the batch that computed the earlier tokens of its sequence, so the same
+    request gave another answer once its prompt came from the prefix cache (near ties flip).
 
-    With speculative decoding it is on on the CPU: with an FP16 cache and flash attention off, llama.cpp's
-    logits for a token change (by up to ~1.2 for SmolLM2) when earlier tokens of its sequence are in the same
-    batch, so verifying ``[last, d1..dK]`` at once would not give bit for bit the logits of decoding one token
-    at a time, and greedy output could flip at near ties. With flash attention they are equal while a slot holds
-    under 256 KV cells (short chats, tool calls); beyond, no setting of this build makes them equal, and a near
-    tie may flip (the output is still a sample of the same model).
+    With speculative decoding it is forced on on the CPU: verifying ``[last, d1..dK]`` at once must give the
+    logits of decoding one token at a time. With flash attention they are equal while a slot holds under 256 KV
+    cells (short chats, tool calls); beyond, no setting of this build makes them equal, and a near tie may flip
+    (the output is still a sample of the same model).
     """
     if quant != "FP16" or (speculative and not gpu_layers):
         return True
-    return None if gpu_layers else False
+    return None
 
 
 def kv_bytes_per_token(model: LlamaModel, quant: str) -> float:

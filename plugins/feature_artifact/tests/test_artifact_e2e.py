@@ -117,6 +117,10 @@ def assert_read_back(server: Any) -> None:
 
 
 def test_fast_readme_snippets(client: openai.OpenAI, artifact_server: Any) -> None:
+    """Stream and non-stream are compared once the prompt is in the KV cache, so that both compute the same
+    tokens in the same batches: llama.cpp's logits depend slightly on how a prompt was batched (beyond 256 KV
+    cells even with flash attention), and greedy paths of the tiny model diverge at near ties."""
+    ask(client, "Fast")
     choices = ask(client, "Fast")
     streamed = ask_streaming(client, "Fast")
     assert streamed == runs(choices), "greedy decoding: the stream must read as the non-streamed choices"
