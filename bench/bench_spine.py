@@ -180,12 +180,14 @@ class ServerSpec:
     kind: str  # "gallama" or "peer"
     threads: int | None  # None: the server's default
     flash_attn: bool = False  # peer only (its default is off; gallama follows llama.cpp's choice)
+    keys: str = ""  # gallama only: more -id keys
 
     def argv(self, port: int, gguf: Path) -> list[str]:
         if self.kind == "gallama":
             argv = [str(Path(sys.executable).with_name("gallama")), "run", "--host", "127.0.0.1", "--port", str(port)]
-            if self.threads is not None:
-                argv += ["-id", f"model_id={GALLAMA_MODEL} n_threads={self.threads}"]
+            keys = " ".join(filter(None, [f"n_threads={self.threads}" if self.threads is not None else "", self.keys]))
+            if keys:
+                argv += ["-id", f"model_id={GALLAMA_MODEL} {keys}"]
             return argv
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                 "--port", str(port), "--n_threads", str(self.threads), "--n_ctx", str(N_CTX),
@@ -499,10 +501,13 @@ class Plan:
     loop_threads: list[int]
     quiet_wait_s: float
     peer_flash_attn: list[bool] = field(default_factory=lambda: [False, True])
+    per_token: bool = False  # also gallama with a chunk per token (stream_interval_ms=0)
     default_threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
 
     def specs(self) -> list[ServerSpec]:
         specs = [ServerSpec("gallama", "gallama", None)]
+        if self.per_token:
+            specs.append(ServerSpec("gallama/token", "gallama", None, keys="stream_interval_ms=0"))
         specs += [ServerSpec(f"gallama t={t}", "gallama", t) for t in self.gallama_threads]
         specs += [ServerSpec(f"peer t={t}{' fa' if fa else ''}", "peer", t, fa)
                   for t in self.peer_threads for fa in self.peer_flash_attn]
@@ -705,6 +710,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, Path | None, Pa
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--gallama-threads", type=_thread_list, help="extra gallama n_threads (default 1; quick none)")
     parser.add_argument("--peer-threads", type=_thread_list, default=[1, 2], help="peer n_threads (default 1,2)")
+    parser.add_argument("--per-token", action=argparse.BooleanOptionalAction, default=None,
+                        help="also gallama with one chunk per token, stream_interval_ms=0 (default: on; quick: off)")
     parser.add_argument("--peer-flash-attn", type=_switch_list, default=[False, True],
                         help="peer --flash_attn settings, each with every --peer-threads (default off,on)")
     parser.add_argument("--loop-threads", type=_thread_list,
@@ -723,8 +730,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, Path | None, Pa
     gallama_threads = args.gallama_threads if args.gallama_threads is not None else ([] if args.quick else [1])
     cpus = len(os.sched_getaffinity(0))
     loop_threads = args.loop_threads or sorted({cpus, *gallama_threads}, reverse=True)
+    per_token = args.per_token if args.per_token is not None else not args.quick
     plan = Plan(runs, args.rounds, args.max_tokens, gallama_threads, args.peer_threads, loop_threads, args.quiet_wait,
-                args.peer_flash_attn)
+                args.peer_flash_attn, per_token)
     return plan, args.json, args.log_dir
 
 

@@ -48,6 +48,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     grammar: Grammar | None = None
+    emit_interval_s: float = 0.0  # text may be held back this long and sent in one event (see Backend)
 
 
 @dataclass
@@ -82,9 +83,17 @@ class BackendError(RuntimeError):
 
 
 class Backend(abc.ABC):
-    """An inference engine serving one model."""
+    """An inference engine serving one model.
+
+    ``stream_interval_s``: how long a streamed response may hold generated text back to send it in one chunk.
+    The kernel passes it in :attr:`GenerationRequest.emit_interval_s` for streams, and ``math.inf`` (only the
+    final event carries text) when nobody reads the text before the end. A backend that honours it never holds
+    the first text of a generation, and its final event carries whatever was held; one that ignores it emits as
+    it likes: the text and the counts are the same either way, only the chunking differs.
+    """
 
     name: ClassVar[str]
+    stream_interval_s: float = 0.0
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

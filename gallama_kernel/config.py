@@ -71,6 +71,9 @@ class ModelSpec(BaseModel):
     draft_model_id: str | None = Field(default=None, description="Draft model for speculative decoding "
                                        "(backends that cannot use one refuse it at load).")
     tp: bool | None = Field(default=None, description="Tensor parallelism across gpus (ExLlamaV2).")
+    stream_interval_ms: int | None = Field(default=None, ge=0, le=1000,
+                                           description="Streams: text generated within this many ms goes out "
+                                           "in one chunk (0: a chunk per token; default: the backend's).")
     model_path: str | None = Field(default=None, description="Resolved model file (set by the loader).")
 
     @field_validator("cache_quant", mode="before")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -92,6 +94,12 @@ class Prepared:
     plan: RequestPlan | None = None
     passes: list[PreparedPass] = field(default_factory=list)
     requested_tokens: int | None = None
+    emit_interval_s: float = math.inf  # set for streams from the backend's stream_interval_s
+
+    def streaming(self) -> Prepared:
+        """Mark the response as streamed: text is emitted as the backend's stream interval allows."""
+        self.emit_interval_s = self.model.backend.stream_interval_s
+        return self
 
     @property
     def grammar(self) -> Grammar | None:
@@ -102,7 +110,8 @@ class Prepared:
         return self.generation.request_id
 
     async def events(self, generation: GenerationRequest | None = None) -> AsyncIterator[GenerationEvent]:
-        stream = self.model.backend.stream(generation or self.generation)
+        request = dataclasses.replace(generation or self.generation, emit_interval_s=self.emit_interval_s)
+        stream = self.model.backend.stream(request)
         try:
             async for event in stream:
                 yield event
@@ -290,6 +299,7 @@ class ChatService:
         }
 
     async def chat_chunks(self, prepared: Prepared, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        prepared.streaming()
         def chunk(delta: Delta, finish: str | None = None) -> dict[str, Any]:
             delta.pop(SEGMENT, None)
             body: dict[str, Any] = {
@@ -351,6 +361,7 @@ class ChatService:
         return body
 
     async def completion_chunks(self, prepared: Prepared, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        prepared.streaming()
         if prepared.echo:
             yield self._completion_body(prepared, prepared.echo, None)
         async for event in prepared.events():

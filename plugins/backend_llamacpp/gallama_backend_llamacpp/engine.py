@@ -74,6 +74,7 @@ class Slot:
     decoder: codecs.IncrementalDecoder | None = None
     matcher: llguidance.LLMatcher | None = None  # the job's grammar, when it has one
     text: str = ""  # sampled text not emitted yet (a verification emits its tokens' text at once)
+    emitted_at: float | None = None  # when text last went out (None: none yet); see _emit_text
     drafts: list[int] = field(default_factory=list)  # draft tokens fed after pending[0] in this step
     draft_k: int = 0  # draft tokens to ask for next (adapted to the acceptance)
 
@@ -234,6 +235,7 @@ class Engine:
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.matcher = job.matcher
             slot.text = ""
+            slot.emitted_at = None
             slot.draft_k = self.config.draft_tokens
 
     def _borrow_prefix(self, slot: Slot, shared: dict[int, int]) -> None:
@@ -407,9 +409,19 @@ class Engine:
         return token
 
     def _emit_text(self, slot: Slot) -> None:
-        if slot.text and slot.job is not None:
-            slot.job.emit(GenerationEvent(slot.text, slot.generated))
-            slot.text = ""
+        """Send the slot's pending text, unless it is held: text sampled within the request's
+        ``emit_interval_s`` of the last event waits for a later one (the final event at the latest). Fewer
+        events mean fewer wake-ups of the event loop, the gateway and the client per token, which on a CPU
+        compete with the compute threads. The first text of a generation is never held."""
+        job = slot.job
+        if not slot.text or job is None:
+            return
+        now = time.perf_counter()
+        if slot.emitted_at is not None and now - slot.emitted_at < job.request.emit_interval_s:
+            return
+        slot.emitted_at = now
+        job.emit(GenerationEvent(slot.text, slot.generated))
+        slot.text = ""
 
     def _finish(self, slot: Slot, text: str, reason: str) -> None:
         job = slot.job

@@ -29,8 +29,10 @@ def backend():
     loaded.close()
 
 
-def generate(backend, request_id: str, max_tokens: int = 16, stop=(), prompt: str = PROMPT):
-    request = GenerationRequest(request_id, backend.tokenize(prompt), max_tokens, GREEDY, list(stop))
+def generate(backend, request_id: str, max_tokens: int = 16, stop=(), prompt: str = PROMPT,
+             emit_interval_s: float = 0.0):
+    request = GenerationRequest(request_id, backend.tokenize(prompt), max_tokens, GREEDY, list(stop),
+                                emit_interval_s=emit_interval_s)
 
     async def collect():
         return [event async for event in backend.stream(request)]
@@ -65,6 +67,30 @@ def test_length_and_exact_counts(backend):
     assert final.completion_tokens == 9
     assert final.prompt_tokens == len(backend.tokenize(PROMPT))
     assert all(e.finish_reason is None for e in events[:-1])
+
+
+def test_text_is_held_back_within_the_emit_interval(backend):
+    per_token = generate(backend, "each", max_tokens=24)
+    assert len([e for e in per_token if e.text]) >= 20  # one event per token (a few tokens may hold no text)
+    whole = "".join(e.text for e in per_token)
+    held = generate(backend, "held", max_tokens=24, emit_interval_s=float("inf"))
+    assert [e.completion_tokens for e in held] == [1, 24]  # the first text at once, the rest with the final event
+    assert "".join(e.text for e in held) == whole
+    paced = generate(backend, "paced", max_tokens=24, emit_interval_s=0.05)
+    assert 2 <= len(paced) < len(per_token) and "".join(e.text for e in paced) == whole
+    assert paced[-1].finish_reason == "length" and paced[-1].completion_tokens == 24
+
+
+def test_the_stream_interval_is_the_cpu_default_or_the_spec(backend):
+    assert backend.stream_interval_s == 0.02
+    spec = ModelSpec(model_id=str(GGUF), model_path=str(GGUF), max_concurrent_requests=1, max_seq_len=256,
+                     stream_interval_ms=0)
+    other = LlamaCppBackend(spec)
+    other.load()
+    try:
+        assert other.stream_interval_s == 0.0
+    finally:
+        other.close()
 
 
 def test_prefix_is_reused_by_the_next_request(backend):
