@@ -2,9 +2,9 @@
 """Engine benchmark: gallama's continuous-batching engine vs llama-cpp-python's server, measured in one run.
 
 gallama runs with ``max_concurrent_requests=8`` (8 slots); the peer is ``python -m llama_cpp.server --n_threads 2
---n_ctx 4096``, once with its default ``--interrupt_requests True`` and once serializing (``False``). Sections
-(``--only``, all by default, in this order), all through the official ``openai`` client, greedy, ``repeat_penalty``
-1.0:
+--n_ctx 4096 --flash_attn True`` (its faster setting in bench_spine), once with its default
+``--interrupt_requests True`` and once serializing (``False``). Sections (``--only``, all by default, in this
+order), all through the official ``openai`` client, greedy, ``repeat_penalty`` 1.0:
 
 * agent (first, so that it meets gallama's slots unused but for the warm-up): a scripted 10-turn tool-calling
   conversation (tools described in the system prompt, fixed assistant messages and tool results appended each
@@ -61,6 +61,7 @@ from bench_spine import (
     _fmt,
     _ratio,
     _rotated,
+    descendants,
     gguf_path,
     prompts,
     run_guarded,
@@ -110,11 +111,12 @@ class EngineSpec(ServerSpec):
 
 
 def server_specs(sections: set[str]) -> list[EngineSpec]:
-    specs = [EngineSpec(GALLAMA, "gallama", None, (f"max_concurrent_requests={CONCURRENCY}",))]
+    specs = [EngineSpec(GALLAMA, "gallama", None, extra=(f"max_concurrent_requests={CONCURRENCY}",))]
     if "concurrent" in sections:
-        specs.append(EngineSpec(PEER_INTERRUPTING, "peer", PEER_THREADS))
+        specs.append(EngineSpec(PEER_INTERRUPTING, "peer", PEER_THREADS, flash_attn=True))
     if sections & {"concurrent", "agent", "gap"}:
-        specs.append(EngineSpec(PEER_SERIAL, "peer", PEER_THREADS, ("--interrupt_requests", "False")))
+        specs.append(EngineSpec(PEER_SERIAL, "peer", PEER_THREADS, flash_attn=True,
+                                extra=("--interrupt_requests", "False")))
     return specs
 
 
@@ -151,8 +153,8 @@ class Endpoint:
     def __init__(self, server: Server) -> None:
         self.name = server.spec.name
         self.server = server
-        self.pid = server.proc.pid
         self.target = HttpTarget(server)
+        self.pids = self.target.pids  # gallama: the gateway and its workers
         self.client = self.target.client
 
     async def complete(self, messages: Messages, max_tokens: int) -> Turn:
@@ -197,13 +199,16 @@ class Endpoint:
         return dict(reply.json()["models"][GALLAMA_MODEL])
 
     def rss_kib(self) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except OSError:
-            pass
-        return None
+        """VmRSS of the server's processes together (gallama: the gateway and its worker)."""
+        total = None
+        for pid in self.target.pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total = (total or 0) + int(line.split()[1])
+            except OSError:
+                pass
+        return total
 
     async def close(self) -> None:
         await self.target.close()
@@ -317,7 +322,7 @@ async def section_concurrent(bench: Bench) -> dict[str, Any]:
 
 async def _single(bench: Bench, prompt: str) -> dict[str, Any]:
     gallama = bench.gallama
-    result, wall, other = await bench.metered([gallama.pid], partial(gallama.target.single, prompt, STREAM_TOKENS))
+    result, wall, other = await bench.metered(gallama.pids, partial(gallama.target.single, prompt, STREAM_TOKENS))
     rate = result.completion_tokens / wall if wall > 0 else None
     row = {**asdict(result), "wall_s": wall, "rate_tps": rate, "other_cores": other}
     print(f"  gallama single stream: {result.completion_tokens} tokens in {wall:.2f} s = {_fmt(rate, '.1f')} tok/s "
@@ -332,7 +337,7 @@ def _error(result: StreamResult) -> str:
 
 async def _round(bench: Bench, endpoint: Endpoint, batch: Sequence[str]) -> dict[str, Any]:
     work = partial(endpoint.target.concurrent, batch, STREAM_TOKENS)
-    result, _, other = await bench.metered([endpoint.pid], work)
+    result, _, other = await bench.metered(endpoint.pids, work)
     result.other_cores = other
     _print_round(endpoint.name, result)
     return {**asdict(result), "aggregate_tps": result.aggregate_tps}
@@ -454,7 +459,7 @@ async def section_agent(bench: Bench) -> dict[str, Any]:
 
 async def _agent_run(bench: Bench, endpoint: Endpoint, agents: Sequence[Agent], kind: str,
                      rep: int) -> dict[str, Any]:
-    turns, wall, other = await bench.metered([endpoint.pid], partial(run_agents, endpoint, agents, AGENT_TURNS))
+    turns, wall, other = await bench.metered(endpoint.pids, partial(run_agents, endpoint, agents, AGENT_TURNS))
     errors = [t["error"] for t in turns if t["error"]]
     if errors:
         bench.problem(f"{endpoint.name} agent {kind} run {rep + 1}: {len(errors)} failed turns: {errors[0]}")
@@ -541,7 +546,7 @@ async def section_gap(bench: Bench) -> dict[str, Any]:
     runs = []
     for rep in range(bench.config.gap_reps):
         batch = [pool[(GAP_POOL_OFFSET + rep * GAP_STREAMS + i) % len(pool)] for i in range(GAP_STREAMS)]
-        row, _, other = await bench.metered([bench.gallama.pid], partial(_gap_run, bench.gallama, batch, rep))
+        row, _, other = await bench.metered(bench.gallama.pids, partial(_gap_run, bench.gallama, batch, rep))
         row["other_cores"] = other
         _report_gap(bench, rep, row)
         runs.append(row)
@@ -560,7 +565,7 @@ def _gap_summary(idle: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) ->
 async def _idle_long(bench: Bench, endpoint: Endpoint) -> dict[str, Any]:
     """Reference: the long prompt's TTFT on a server with nothing else to do."""
     work = partial(endpoint.stream, user(long_prompt(IDLE_LEDGER)), LONG_MAX_TOKENS, Trace())
-    trace, _, other = await bench.metered([endpoint.pid], work)
+    trace, _, other = await bench.metered(endpoint.pids, work)
     print(f"  long prompt alone on {endpoint.name:<18} TTFT {_fmt(trace.ttft_s, '.0f', 1000)} ms"
           f"{'  ERROR ' + trace.error if trace.error else ''}{_noisy(other)}", flush=True)
     return {"ttft_s": trace.ttft_s, "prompt_tokens": trace.prompt_tokens, "error": trace.error, "other_cores": other}
@@ -677,9 +682,9 @@ def run_benchmark(config: Config, log_dir: Path) -> dict[str, Any]:
     specs = server_specs(config.sections)
     print(f"model {gguf}\ncode  {code_version()}\nlogs  {log_dir}", flush=True)
     print(f"starting {len(specs)} servers: gallama with max_concurrent_requests={CONCURRENCY}; peer --n_threads "
-          f"{PEER_THREADS} (interrupting and/or --interrupt_requests False)", flush=True)
+          f"{PEER_THREADS} --flash_attn True (interrupting and/or --interrupt_requests False)", flush=True)
     with running_servers(specs, gguf, log_dir) as servers:
-        meter = CpuMeter([s.proc.pid for s in servers])
+        meter = CpuMeter([pid for s in servers for pid in (s.proc.pid, *descendants(s.proc.pid))])
         bench = Bench(config, {s.spec.name: Endpoint(s) for s in servers})
         sections = asyncio.run(_measure_and_close(bench))
         other_cores = meter.other_cores()

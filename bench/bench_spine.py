@@ -200,7 +200,7 @@ class Server:
     def __init__(self, spec: ServerSpec, gguf: Path, log_dir: Path) -> None:
         self.spec = spec
         self.port = free_port()
-        self.log_path = log_dir / f"{spec.name.replace(' ', '_')}.log"
+        self.log_path = log_dir / f"{spec.name.replace(' ', '_').replace('/', '-')}.log"
         self.home = tempfile.TemporaryDirectory(prefix="bench_spine_home_")
         env = {**os.environ, "GALLAMA_HOME_PATH": self.home.name, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("wb") as log:
