@@ -48,9 +48,14 @@ class EventStream(Response):
                 task.cancel()
             await asyncio.gather(producer, *watchers, return_exceptions=True)
             await self._close_events()
-        if not self.disconnected:
-            producer.result()  # a failure of the transport itself surfaces here
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.disconnected or producer.cancelled():
+            return
+        error = producer.exception()
+        if isinstance(error, OSError):  # the client left while an event was being written: nobody to tell
+            return
+        if error is not None:
+            raise error
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _produce(self, send: Send) -> None:
         loop = asyncio.get_running_loop()

@@ -300,6 +300,7 @@ class ChatService:
 
     async def chat_chunks(self, prepared: Prepared, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         prepared.streaming()
+
         def chunk(delta: Delta, finish: str | None = None) -> dict[str, Any]:
             delta.pop(SEGMENT, None)
             body: dict[str, Any] = {

@@ -76,3 +76,33 @@ def test_head_sends_no_events():
 
     sent = drive(EventStream(events()), method="HEAD")
     assert [m.get("body") for m in sent[1:]] == [b""]
+
+
+def test_a_write_to_a_client_that_left_ends_the_stream_quietly():
+    cleaned = []
+
+    async def endless() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"data: x\n\n"
+                await asyncio.sleep(0.01)
+        finally:
+            cleaned.append(True)
+
+    async def main() -> None:
+        sent = 0
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the disconnect is only seen by the failing write
+            return {}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal sent
+            sent += 1
+            if sent > 3:
+                raise OSError("client disconnected")
+
+        await EventStream(endless())({"type": "http", "method": "POST"}, receive, send)
+
+    asyncio.run(main())
+    assert cleaned == [True]

@@ -85,9 +85,10 @@ def flash_attention(quant: str, gpu_layers: int, speculative: bool = False) -> b
 
     Measured on 2 cores with SmolLM2 (in-process decode loop, on and off interleaved, 128 tokens): 126.5 vs
     112.7 tok/s at 2 threads, 92.8 vs 87.4 at 1 thread, 104.2 vs 94.4 at 2 threads after a ~500-token prompt.
-    It also keeps greedy output reproducible: with flash attention off, llama.cpp's logits for a token change
-    (by up to ~1.2 for SmolLM2) with the batch that computed the earlier tokens of its sequence, so the same
-    request gave another answer once its prompt came from the prefix cache (near ties flip).
+    Greedy output is also steadier with it: with flash attention off, llama.cpp's logits for a token change (by up
+    to ~1.2 for SmolLM2) with the batch that computed the earlier tokens of its sequence, so the same request
+    could give another answer once its prompt came from the prefix cache (near ties flip); with it on, they are
+    equal while a slot holds under 256 KV cells.
 
     With speculative decoding it is forced on on the CPU: verifying ``[last, d1..dK]`` at once must give the
     logits of decoding one token at a time. With flash attention they are equal while a slot holds under 256 KV
