@@ -110,12 +110,12 @@ class EngineSpec(ServerSpec):
         return [*super().argv(port, gguf), *self.extra]
 
 
-def server_specs(sections: set[str]) -> list[EngineSpec]:
+def server_specs(sections: set[str], peer_flash_attn: bool = True) -> list[EngineSpec]:
     specs = [EngineSpec(GALLAMA, "gallama", None, extra=(f"max_concurrent_requests={CONCURRENCY}",))]
     if "concurrent" in sections:
-        specs.append(EngineSpec(PEER_INTERRUPTING, "peer", PEER_THREADS, flash_attn=True))
+        specs.append(EngineSpec(PEER_INTERRUPTING, "peer", PEER_THREADS, flash_attn=peer_flash_attn))
     if sections & {"concurrent", "agent", "gap"}:
-        specs.append(EngineSpec(PEER_SERIAL, "peer", PEER_THREADS, flash_attn=True,
+        specs.append(EngineSpec(PEER_SERIAL, "peer", PEER_THREADS, flash_attn=peer_flash_attn,
                                 extra=("--interrupt_requests", "False")))
     return specs
 
@@ -228,6 +228,7 @@ class Config:
     gap_reps: int
     memory_requests: int
     quiet_wait_s: float
+    peer_flash_attn: bool = True
 
 
 @dataclass
@@ -679,10 +680,11 @@ def code_version() -> dict[str, Any]:
 
 def run_benchmark(config: Config, log_dir: Path) -> dict[str, Any]:
     gguf = gguf_path()
-    specs = server_specs(config.sections)
+    specs = server_specs(config.sections, config.peer_flash_attn)
     print(f"model {gguf}\ncode  {code_version()}\nlogs  {log_dir}", flush=True)
     print(f"starting {len(specs)} servers: gallama with max_concurrent_requests={CONCURRENCY}; peer --n_threads "
-          f"{PEER_THREADS} --flash_attn True (interrupting and/or --interrupt_requests False)", flush=True)
+          f"{PEER_THREADS} --flash_attn {config.peer_flash_attn} (interrupting and/or --interrupt_requests False)",
+          flush=True)
     with running_servers(specs, gguf, log_dir) as servers:
         meter = CpuMeter([pid for s in servers for pid in (s.proc.pid, *descendants(s.proc.pid))])
         bench = Bench(config, {s.spec.name: Endpoint(s) for s in servers})
@@ -819,6 +821,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path | None, 
     parser.add_argument("--only", type=_sections, default=set(SECTIONS),
                         help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
     parser.add_argument("--memory-requests", type=int, default=MEMORY_REQUESTS)
+    parser.add_argument("--peer-flash-attn", choices=("on", "off"), default="on",
+                        help="the peer's --flash_attn (default on, its faster setting; off is its default)")
     parser.add_argument("--quiet-wait", type=float, default=5.0,
                         help="seconds to wait, before each measurement, for other processes to leave the CPUs (0: off)")
     parser.add_argument("--log-dir", type=Path,
@@ -827,7 +831,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path | None, 
     reps = 1 if args.quick else 2
     config = Config(sections=args.only, runs=2 if args.quick else 3, rounds=1, agent_reps=reps, pair_reps=1,
                     pair_slots_used=not args.quick,
-                    gap_reps=reps, memory_requests=args.memory_requests, quiet_wait_s=args.quiet_wait)
+                    gap_reps=reps, memory_requests=args.memory_requests, quiet_wait_s=args.quiet_wait,
+                    peer_flash_attn=args.peer_flash_attn == "on")
     return config, args.json, args.log_dir
 
 
