@@ -110,8 +110,9 @@ class EngineSpec(ServerSpec):
         return [*super().argv(port, gguf), *self.extra]
 
 
-def server_specs(sections: set[str], peer_flash_attn: bool = True) -> list[EngineSpec]:
-    specs = [EngineSpec(GALLAMA, "gallama", None, extra=(f"max_concurrent_requests={CONCURRENCY}",))]
+def server_specs(sections: set[str], peer_flash_attn: bool = True,
+                 gallama_keys: Sequence[str] = ()) -> list[EngineSpec]:
+    specs = [EngineSpec(GALLAMA, "gallama", None, extra=(f"max_concurrent_requests={CONCURRENCY}", *gallama_keys))]
     if "concurrent" in sections:
         specs.append(EngineSpec(PEER_INTERRUPTING, "peer", PEER_THREADS, flash_attn=peer_flash_attn))
     if sections & {"concurrent", "agent", "gap"}:
@@ -229,6 +230,7 @@ class Config:
     memory_requests: int
     quiet_wait_s: float
     peer_flash_attn: bool = True
+    gallama_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -680,7 +682,7 @@ def code_version() -> dict[str, Any]:
 
 def run_benchmark(config: Config, log_dir: Path) -> dict[str, Any]:
     gguf = gguf_path()
-    specs = server_specs(config.sections, config.peer_flash_attn)
+    specs = server_specs(config.sections, config.peer_flash_attn, config.gallama_keys)
     print(f"model {gguf}\ncode  {code_version()}\nlogs  {log_dir}", flush=True)
     print(f"starting {len(specs)} servers: gallama with max_concurrent_requests={CONCURRENCY}; peer --n_threads "
           f"{PEER_THREADS} --flash_attn {config.peer_flash_attn} (interrupting and/or --interrupt_requests False)",
@@ -821,6 +823,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path | None, 
     parser.add_argument("--only", type=_sections, default=set(SECTIONS),
                         help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
     parser.add_argument("--memory-requests", type=int, default=MEMORY_REQUESTS)
+    parser.add_argument("--gallama-keys", default="", help='more -id keys for gallama, e.g. "stream_interval_ms=0"')
     parser.add_argument("--peer-flash-attn", choices=("on", "off"), default="on",
                         help="the peer's --flash_attn (default on, its faster setting; off is its default)")
     parser.add_argument("--quiet-wait", type=float, default=5.0,
@@ -832,7 +835,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path | None, 
     config = Config(sections=args.only, runs=2 if args.quick else 3, rounds=1, agent_reps=reps, pair_reps=1,
                     pair_slots_used=not args.quick,
                     gap_reps=reps, memory_requests=args.memory_requests, quiet_wait_s=args.quiet_wait,
-                    peer_flash_attn=args.peer_flash_attn == "on")
+                    peer_flash_attn=args.peer_flash_attn == "on", gallama_keys=tuple(args.gallama_keys.split()))
     return config, args.json, args.log_dir
 
 
