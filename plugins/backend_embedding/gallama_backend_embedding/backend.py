@@ -179,6 +179,9 @@ class EmbeddingBackend(Backend):
             running = None
         if loop is running:
             task.cancel()
+        elif running is None and not loop.is_closed() and not loop.is_running():
+            task.cancel()  # an idle loop (a test's, say): run it until the task has seen the cancellation
+            loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
         elif not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed meanwhile: the task will never run again anyway
                 loop.call_soon_threadsafe(task.cancel)
