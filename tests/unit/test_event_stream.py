@@ -32,6 +32,16 @@ def drive(response: EventStream, disconnect_after: int | None = None, method: st
     return sent
 
 
+async def endless(cleaned: list[bool]) -> AsyncIterator[bytes]:
+    """Events until closed; ``cleaned`` records that its cleanup ran."""
+    try:
+        while True:
+            yield b"data: x\n\n"
+            await asyncio.sleep(0.01)
+    finally:
+        cleaned.append(True)
+
+
 def test_each_event_is_one_body_message_then_the_end():
     async def events() -> AsyncIterator[bytes]:
         for n in range(3):
@@ -46,17 +56,9 @@ def test_each_event_is_one_body_message_then_the_end():
 
 
 def test_a_disconnect_stops_the_producer_and_runs_its_cleanup():
-    cleaned = []
+    cleaned: list[bool] = []
 
-    async def endless() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                yield b"data: x\n\n"
-                await asyncio.sleep(0.01)
-        finally:
-            cleaned.append(True)
-
-    sent = drive(EventStream(endless()), disconnect_after=3)
+    sent = drive(EventStream(endless(cleaned)), disconnect_after=3)
     assert cleaned == [True]
     assert all(m.get("more_body", True) for m in sent)  # nothing more is sent to a client that left
 
@@ -79,15 +81,7 @@ def test_head_sends_no_events():
 
 
 def test_a_write_to_a_client_that_left_ends_the_stream_quietly():
-    cleaned = []
-
-    async def endless() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                yield b"data: x\n\n"
-                await asyncio.sleep(0.01)
-        finally:
-            cleaned.append(True)
+    cleaned: list[bool] = []
 
     async def main() -> None:
         sent = 0
@@ -102,7 +96,7 @@ def test_a_write_to_a_client_that_left_ends_the_stream_quietly():
             if sent > 3:
                 raise OSError("client disconnected")
 
-        await EventStream(endless())({"type": "http", "method": "POST"}, receive, send)
+        await EventStream(endless(cleaned))({"type": "http", "method": "POST"}, receive, send)
 
     asyncio.run(main())
     assert cleaned == [True]
