@@ -11,7 +11,10 @@ order), all through the official ``openai`` client, greedy, ``repeat_penalty`` 1
   turn, the generated text discarded): total wall time (goal: gallama <= 0.8x peer), gallama's cached_tokens per
   turn (goal: > 0 from turn 2; also checked: they cover the agent's previous prompt); then two such agents
   interleaved turn by turn (goal: <= 0.4x peer, whose single prefix cache thrashes), and once more on gallama after
-  a burst of 8 requests has used every slot;
+  a burst of 8 requests has used every slot. The single agent runs on gallama, the peer and the floor at once,
+  interleaved turn by turn (the machine's speed drifts within minutes); the floor replays the conversation in this
+  process on llama.cpp's low-level API with a perfect prefix cache and no server (what the conversation's own
+  compute takes; both servers' walls are printed against it);
 * concurrent: 8 simultaneous 128-token streams: completions, worst TTFT (goal: gallama <= 1/3 of the serializing
   peer's), aggregate tok/s (goal: >= 1.05x gallama's own single-stream tok/s, both = completion tokens / wall);
 * gap: 4 gallama streams running, then a ~1,500-token prompt arrives: the running streams' worst inter-token
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import llama_cpp as ll
 from bench_spine import (
     CLEAN_MAX_CORES,
     CONCURRENCY,
@@ -54,6 +58,7 @@ from bench_spine import (
     WARMUP_PROMPT,
     ConcurrentResult,
     CpuMeter,
+    DecodeLoop,
     HttpTarget,
     Server,
     ServerSpec,
@@ -215,6 +220,51 @@ class Endpoint:
         await self.target.close()
 
 
+class ReplayFloor(DecodeLoop):
+    """The agent loop's floor: the same conversation replayed in this process on llama.cpp's low-level API, with
+    no server around it. One sequence keeps the tokens whose KV it holds; each turn computes only what follows
+    the longest common prefix (the best any prefix cache can do for one agent), then decodes greedily. What a
+    server adds to this (HTTP, scheduling, sampling overhead) is its cost; what this takes is llama.cpp's."""
+
+    FLOOR = "floor (in-process llama.cpp)"
+
+    def __init__(self, gguf: Path, threads: int) -> None:
+        super().__init__(gguf, threads)
+        self.name = self.FLOOR
+        self.held: list[int] = []  # tokens whose KV the sequence holds
+
+    async def complete(self, messages: Messages, max_tokens: int) -> Turn:
+        start = time.perf_counter()
+        prompt = self.tokenize_chat(messages)
+        keep = min(_common_prefix(self.held, prompt), len(prompt) - 1)  # the last token yields logits
+        ll.llama_memory_seq_rm(self.memory, 0, keep, -1)
+        self.held = prompt[:keep]
+        for at in range(keep, len(prompt), 512):
+            self._decode(prompt[at:at + 512], at)
+        self.held = list(prompt)
+        ll.llama_sampler_reset(self.sampler)
+        generated = 0
+        while True:
+            token = ll.llama_sampler_sample(self.sampler, self.ctx, -1)
+            if ll.llama_vocab_is_eog(self.vocab, token):
+                break
+            generated += 1
+            if generated == max_tokens:
+                break
+            self._decode([token], len(self.held))
+            self.held.append(token)
+        return Turn(time.perf_counter() - start, len(prompt), keep, generated)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 # -- bookkeeping -------------------------------------------------------------------------------------------
 
 
@@ -223,7 +273,7 @@ class Config:
     sections: set[str]
     runs: int  # single streams (gallama's own rate)
     rounds: int  # concurrent rounds per server
-    agent_reps: int  # single-agent runs per server
+    agent_reps: int  # single-agent runs (every target, interleaved turn by turn)
     pair_reps: int  # interleaved two-agent runs per server (the peer's take ~100 s each)
     pair_slots_used: bool  # one more gallama pair run after a burst has used every slot
     gap_reps: int
@@ -426,7 +476,7 @@ def make_agents(session: str) -> tuple[Agent, Agent]:
                            "memory", "upstream", "retry", "cache")))
 
 
-async def run_agents(endpoint: Endpoint, agents: Sequence[Agent], turns: int) -> list[dict[str, Any]]:
+async def run_agents(endpoint: Endpoint | ReplayFloor, agents: Sequence[Agent], turns: int) -> list[dict[str, Any]]:
     """``turns`` turns of each agent, interleaved turn by turn, one request after another."""
     histories = {a.name: a.opening() for a in agents}
     rows: list[dict[str, Any]] = []
@@ -439,15 +489,20 @@ async def run_agents(endpoint: Endpoint, agents: Sequence[Agent], turns: int) ->
 
 
 async def section_agent(bench: Bench) -> dict[str, Any]:
-    """Single agent, then two interleaved agents on gallama's slots as found, then, on gallama only, two more
-    after a burst of CONCURRENCY requests has used every slot."""
-    targets = [bench.gallama, bench.endpoints[PEER_SERIAL]]
+    """Single agent on every target, interleaved turn by turn; then two interleaved agents on gallama's slots as
+    found, then, on gallama only, two more after a burst of CONCURRENCY requests has used every slot."""
+    servers: list[Endpoint | ReplayFloor] = [bench.gallama, bench.endpoints[PEER_SERIAL]]
+    floor = ReplayFloor(gguf_path(), PEER_THREADS)  # one sequence: single agents only
     runs: dict[str, list[dict[str, Any]]] = {"single": [], "pair": [], "pair_slots_used": []}
-    for kind, count, reps in (("single", 1, bench.config.agent_reps), ("pair", 2, bench.config.pair_reps)):
-        for rep in range(reps):
-            agents = make_agents(f"{rep + 1}{kind[0]}")[:count]
-            for endpoint in _rotated(targets, rep):
-                runs[kind].append(await _agent_run(bench, endpoint, agents, kind, rep))
+    try:
+        await floor.complete(user(WARMUP_PROMPT), 16)
+        for rep in range(bench.config.agent_reps):
+            runs["single"] += await _single_agent_runs(bench, [*servers, floor], make_agents(f"{rep + 1}s")[0], rep)
+    finally:
+        floor.close()
+    for rep in range(bench.config.pair_reps):
+        for endpoint in _rotated(servers, rep):
+            runs["pair"].append(await _agent_run(bench, endpoint, make_agents(f"{rep + 1}p"), "pair", rep))
     if bench.config.pair_slots_used:
         await asyncio.gather(*(bench.gallama.complete(user(f"Say hello to visitor {i}."), 2)
                                for i in range(CONCURRENCY)))
@@ -460,17 +515,42 @@ async def section_agent(bench: Bench) -> dict[str, Any]:
     return {"runs": runs, "summary": summary}
 
 
-async def _agent_run(bench: Bench, endpoint: Endpoint, agents: Sequence[Agent], kind: str,
+async def _single_agent_runs(bench: Bench, targets: Sequence[Endpoint | ReplayFloor], agent: Agent,
+                             rep: int) -> list[dict[str, Any]]:
+    """One agent's conversation on every target at once, turn by turn (each target keeps its own history and
+    cache; the order rotates every turn): the machine's speed drifts by 10-15 % within minutes, which separate
+    runs would read as a difference between targets. A target's wall time is the sum of its requests' times."""
+    histories = {t.name: agent.opening() for t in targets}
+    turns: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+
+    async def run() -> None:
+        for turn in range(AGENT_TURNS):
+            for target in _rotated(targets, turn + rep):
+                result = await target.complete(histories[target.name], AGENT_MAX_TOKENS)
+                turns[target.name].append({"agent": agent.name, "turn": turn + 1, **asdict(result)})
+                histories[target.name] += agent.scripted(turn)
+
+    _, _, other = await bench.metered([pid for t in targets for pid in t.pids], run)
+    return [_agent_row(bench, target.name, "single", rep, sum(t["wall_s"] for t in turns[target.name]), other,
+                       turns[target.name]) for target in targets]
+
+
+async def _agent_run(bench: Bench, endpoint: Endpoint | ReplayFloor, agents: Sequence[Agent], kind: str,
                      rep: int) -> dict[str, Any]:
     turns, wall, other = await bench.metered(endpoint.pids, partial(run_agents, endpoint, agents, AGENT_TURNS))
+    return _agent_row(bench, endpoint.name, kind, rep, wall, other, turns)
+
+
+def _agent_row(bench: Bench, name: str, kind: str, rep: int, wall: float, other: float,
+               turns: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [t["error"] for t in turns if t["error"]]
     if errors:
-        bench.problem(f"{endpoint.name} agent {kind} run {rep + 1}: {len(errors)} failed turns: {errors[0]}")
+        bench.problem(f"{name} agent {kind} run {rep + 1}: {len(errors)} failed turns: {errors[0]}")
     generated = sum(t["completion_tokens"] or 0 for t in turns)
     last_prompt = max((t["prompt_tokens"] or 0 for t in turns), default=0)
-    print(f"  agent {kind:<15} run {rep + 1}  {endpoint.name:<18} {len(turns)} requests in {wall:.2f} s, "
+    print(f"  agent {kind:<15} run {rep + 1}  {name:<18} {len(turns)} requests in {wall:.2f} s, "
           f"{generated} tokens generated, largest prompt {last_prompt} tokens{_noisy(other)}", flush=True)
-    return {"target": endpoint.name, "rep": rep + 1, "wall_s": wall, "other_cores": other,
+    return {"target": name, "rep": rep + 1, "wall_s": wall, "other_cores": other,
             "generated_tokens": generated, "largest_prompt_tokens": last_prompt, "turns": turns}
 
 
@@ -483,7 +563,10 @@ def _agent_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         peer = peer_pair if kind == "pair_slots_used" else clean_median(
             [r for r in rows if r["target"] == PEER_SERIAL], "wall_s")
         reuse = [_reuse(r) for r in gallama_rows]
+        floor = clean_median([r for r in rows if r["target"] == ReplayFloor.FLOOR], "wall_s")
         summary[kind] = {"gallama_wall_s": gallama, "peer_wall_s": peer, "ratio": _ratio(gallama, peer),
+                         "floor_wall_s": floor, "gallama_vs_floor": _ratio(gallama, floor),
+                         "peer_vs_floor": _ratio(peer, floor),
                          "largest_prompt_tokens": max((r["largest_prompt_tokens"] for r in rows), default=None),
                          "turns_from_2": sum(r[0] for r in reuse), "cached_nonzero": sum(r[1] for r in reuse),
                          "reused_previous_prompt": sum(r[2] for r in reuse)}
@@ -519,14 +602,16 @@ def _print_turns(rows: list[dict[str, Any]]) -> None:
     first = {r["target"]: r["turns"] for r in rows if r["rep"] == 1}
     if GALLAMA not in first:
         return
-    peer = first.get(PEER_SERIAL, [])
+    others = [first.get(PEER_SERIAL, []), first.get(ReplayFloor.FLOOR, [])]
     print(f"\n  agent turns (run 1)  {'prompt tok':>10} {'cached':>7} {'gallama ms':>11} {'gen':>4} "
-          f"{'peer ms':>8} {'gen':>4}")
+          f"{'peer ms':>8} {'gen':>4} {'floor ms':>9} {'gen':>4}")
     for i, turn in enumerate(first[GALLAMA]):
-        other = peer[i] if i < len(peer) else {}
-        print(f"  turn {turn['turn']:>2}{'':14}{turn['prompt_tokens'] or 0:>10} {turn['cached_tokens'] or 0:>7} "
-              f"{turn['wall_s'] * 1000:>11.0f} {turn['completion_tokens'] or 0:>4} "
-              f"{_fmt(other.get('wall_s'), '.0f', 1000):>8} {other.get('completion_tokens') or 0:>4}")
+        line = (f"  turn {turn['turn']:>2}{'':14}{turn['prompt_tokens'] or 0:>10} {turn['cached_tokens'] or 0:>7} "
+                f"{turn['wall_s'] * 1000:>11.0f} {turn['completion_tokens'] or 0:>4}")
+        for rows_of, width in zip(others, (8, 9), strict=True):
+            other = rows_of[i] if i < len(rows_of) else {}
+            line += f" {_fmt(other.get('wall_s'), '.0f', 1000):>{width}} {other.get('completion_tokens') or 0:>4}"
+        print(line)
 
 
 # -- 3. long prompt arrival --------------------------------------------------------------------------------
@@ -759,6 +844,11 @@ def _report_agent(s: dict[str, Any]) -> None:
     one, two, used = s["single"], s["pair"], s["pair_slots_used"]
     _line(f"agent, {AGENT_TURNS} turns: wall s", _fmt(one["gallama_wall_s"], ".2f"), _fmt(one["peer_wall_s"], ".2f"),
           _fmt(one["ratio"], ".3f"), "<= 0.8", verdict(one["ratio"], GOALS["agent_vs_peer"], at_most=True))
+    if one.get("floor_wall_s") is not None:
+        _line("  floor: replay in-process (column 2), gallama/it", _fmt(one["gallama_wall_s"], ".2f"),
+              _fmt(one["floor_wall_s"], ".2f"), _fmt(one["gallama_vs_floor"], ".3f"), "(context)")
+        _line("  peer / floor", _fmt(one["peer_wall_s"], ".2f"), _fmt(one["floor_wall_s"], ".2f"),
+              _fmt(one["peer_vs_floor"], ".3f"), "(context)")
     _line(f"2 agents interleaved, 2x{AGENT_TURNS} turns: wall s", _fmt(two["gallama_wall_s"], ".2f"),
           _fmt(two["peer_wall_s"], ".2f"), _fmt(two["ratio"], ".3f"), "<= 0.4",
           verdict(two["ratio"], GOALS["pair_vs_peer"], at_most=True))
@@ -822,6 +912,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path | None, 
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--only", type=_sections, default=set(SECTIONS),
                         help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    parser.add_argument("--agent-reps", type=int, help="single-agent runs (default 2, --quick 1)")
     parser.add_argument("--memory-requests", type=int, default=MEMORY_REQUESTS)
     parser.add_argument("--gallama-keys", default="", help='more -id keys for gallama, e.g. "stream_interval_ms=0"')
     parser.add_argument("--peer-flash-attn", choices=("on", "off"), default="on",
@@ -832,8 +923,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path | None, 
                         default=Path(__file__).resolve().parent / "results" / "logs" / "engine")
     args = parser.parse_args(argv)
     reps = 1 if args.quick else 2
-    config = Config(sections=args.only, runs=2 if args.quick else 3, rounds=1, agent_reps=reps, pair_reps=1,
-                    pair_slots_used=not args.quick,
+    config = Config(sections=args.only, runs=2 if args.quick else 3, rounds=1, agent_reps=args.agent_reps or reps,
+                    pair_reps=1, pair_slots_used=not args.quick,
                     gap_reps=reps, memory_requests=args.memory_requests, quiet_wait_s=args.quiet_wait,
                     peer_flash_attn=args.peer_flash_attn == "on", gallama_keys=tuple(args.gallama_keys.split()))
     return config, args.json, args.log_dir

@@ -379,8 +379,10 @@ class DecodeLoop:
         return params
 
     def tokenize(self, prompt: str) -> list[int]:
-        text = self.template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                    bos_token="", eos_token="")
+        return self.tokenize_chat([{"role": "user", "content": prompt}])
+
+    def tokenize_chat(self, messages: Sequence[Any]) -> list[int]:
+        text = self.template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
         data = text.encode()
         tokens = (ll.llama_token * (len(data) + 8))()
         n = ll.llama_tokenize(self.vocab, data, len(data), tokens, len(tokens), True, True)
@@ -389,6 +391,8 @@ class DecodeLoop:
         return list(tokens[:n])
 
     def _decode(self, tokens: Sequence[int], position: int) -> None:
+        """Compute ``tokens`` from ``position`` on (at most the context's n_batch, 512, at once); logits of the
+        last one only."""
         for i, token in enumerate(tokens):
             self.batch.token[i] = token
             self.batch.pos[i] = position + i
