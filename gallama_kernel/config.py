@@ -167,6 +167,22 @@ def resolve_model_path(model_id: str) -> str:
     return str(path)
 
 
+def resolve_named_model(model_id: str, home: Path | None = None) -> str:
+    """The existing path ``model_id`` names: a path, ``package:…``, or an entry of ``model_config.yaml`` (in
+    ``home``, default ``GALLAMA_HOME_PATH``; an unreadable file counts as empty) or of gallama's embedded entries
+    (a second model a backend loads, such as a draft model). :class:`ConfigError` when there is none."""
+    home = Settings().home if home is None else home
+    try:
+        config = load_model_config(home) if (home / CONFIG_FILE).exists() else {}
+    except ConfigError:
+        config = {}
+    entry = config.get(model_id) or EMBEDDED_ENTRIES.get(model_id)
+    target = model_id
+    if entry is not None and not Path(model_id).expanduser().exists():
+        target = str(entry.get("model_id", model_id))
+    return resolve_model_path(target)
+
+
 def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source: str) -> ModelSpec:
     """Merge ``values`` over the config entry named by ``model_id`` (if any) and validate the result."""
     model_id = str(values.get("model_id", ""))

@@ -31,14 +31,7 @@ import llama_cpp as ll
 import numpy as np
 
 from gallama_kernel.backend import BackendError
-from gallama_kernel.config import (
-    CONFIG_FILE,
-    EMBEDDED_ENTRIES,
-    ConfigError,
-    Settings,
-    load_model_config,
-    resolve_model_path,
-)
+from gallama_kernel.config import ConfigError, resolve_named_model
 
 from .model import LlamaModel
 
@@ -165,17 +158,8 @@ def check_same_vocabulary(target: Vocabulary, draft: Vocabulary, draft_name: str
 def resolve_draft_path(draft_model_id: str, home: Path | None = None) -> str:
     """The GGUF file ``draft_model_id`` names: a path, ``package:pkg/file``, or an entry of ``model_config.yaml``
     (in ``home``, default ``GALLAMA_HOME_PATH``) or of gallama's embedded entries. :class:`BackendError` if none."""
-    home = Settings().home if home is None else home
-    target = draft_model_id
     try:
-        config = load_model_config(home) if (home / CONFIG_FILE).exists() else {}
-    except ConfigError:
-        config = {}
-    entry = config.get(draft_model_id) or EMBEDDED_ENTRIES.get(draft_model_id)
-    if entry is not None and not Path(draft_model_id).expanduser().exists():
-        target = str(entry.get("model_id", draft_model_id))
-    try:
-        path = resolve_model_path(target)
+        path = resolve_named_model(draft_model_id, home)
     except ConfigError as error:
         raise BackendError(f"draft_model_id={draft_model_id}: {error}") from None
     if Path(path).is_dir() or not path.endswith(".gguf"):

@@ -1,0 +1,54 @@
+"""A tiny model folder that llguidance and the settings code can read: no weights, no GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+END = "<|im_end|>"
+
+
+def byte_level_alphabet() -> list[str]:
+    """The 256 characters a byte-level BPE uses for the bytes 0..255 (printable bytes stand for themselves)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def tokenizer_json(merges: list[tuple[str, str]]) -> dict:
+    """A byte-level BPE ``tokenizer.json``: the 256 byte tokens, ``merges`` in order, then ``<|im_end|>``."""
+    vocab = {ch: i for i, ch in enumerate(byte_level_alphabet())}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+            "added_tokens": [{"id": len(vocab), "content": END, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}],
+            "pre_tokenizer": byte_level, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}}
+
+
+MERGES = [("t", "r"), ("u", "e"), ("tr", "ue"), ("f", "a"), ("l", "s"), ("ls", "e"), ("fa", "lse")]
+N_VOCAB = 256 + len(MERGES) + 1
+END_ID = N_VOCAB - 1
+
+
+def make_folder(path: Path) -> Path:
+    """Write a model folder into ``path``: config.json, tokenizer.json, tokenizer_config.json, an empty
+    safetensors file."""
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                  "max_position_embeddings": 8192}))
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json(MERGES)))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>"}, "eos_token": END, "add_bos_token": False,
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    (path / "model.safetensors").write_bytes(b"")
+    return path
