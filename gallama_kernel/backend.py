@@ -7,6 +7,7 @@ the engine, its memory and its scheduling, and streams :class:`GenerationEvent` 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -76,6 +77,34 @@ class Capabilities:
 
 
 ProgressCallback = Callable[[float], None]
+Emit = Callable[["GenerationEvent | BaseException"], None]
+
+
+async def events_from_thread(start: Callable[[Emit], None], stop: Callable[[], None]) -> AsyncIterator[GenerationEvent]:
+    """The events of a generation that an engine thread runs: ``start(emit)`` hands it to the thread, which calls
+    ``emit`` with each event (or an exception, raised here); the event with a ``finish_reason`` ends the
+    iteration. ``stop()`` cancels the generation; it runs at the end however the consumer leaves, and from the
+    engine thread when it emits after the event loop has closed (so it must be idempotent and thread-safe)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+
+    def emit(item: GenerationEvent | BaseException) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            stop()
+
+    start(emit)
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        stop()
 
 
 class BackendError(RuntimeError):

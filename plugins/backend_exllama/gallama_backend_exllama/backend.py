@@ -15,6 +15,7 @@ installs and registers anywhere and a machine without a GPU gets a clear load er
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -25,9 +26,11 @@ from gallama_kernel.backend import (
     Backend,
     BackendError,
     Capabilities,
+    Emit,
     GenerationEvent,
     GenerationRequest,
     ProgressCallback,
+    events_from_thread,
 )
 from gallama_kernel.config import ConfigError, resolve_named_model
 from gallama_kernel.grammar.matchers import MatcherCache
@@ -126,9 +129,15 @@ class ExLlamaBackend(Backend):
         except BackendError as error:
             log.warning("%s", error)
             self.grammars = None
-        generator = generator_class(model=model, cache=cache, tokenizer=tokenizer, max_batch_size=plan.max_batch_size,
-                                    max_seq_len=plan.max_seq_len, draft_model=draft_model, draft_cache=draft_cache,
-                                    use_ngram_draft=plan.ngram_draft)
+        keys = dict(model=model, cache=cache, tokenizer=tokenizer, max_seq_len=plan.max_seq_len,
+                    draft_model=draft_model, draft_cache=draft_cache, use_ngram_draft=plan.ngram_draft)
+        try:
+            generator = generator_class(max_batch_size=plan.max_batch_size, paged=True, **keys)
+        except AssertionError as error:  # paged attention needs flash-attn >= 2.5.7
+            log.warning("exllamav2's paged cache is unavailable (%s): one request at a time; install flash-attn "
+                        ">= 2.5.7 to decode several at once", error or "flash-attn missing")
+            generator = generator_class(max_batch_size=1, paged=False, **keys)
+            self.plan = plan = dataclasses.replace(plan, max_batch_size=1)
         self._objects["generator"] = generator
         self.loop = GeneratorLoop(generator, self._make_job, self._piece)
 
@@ -244,29 +253,18 @@ class ExLlamaBackend(Backend):
                 raise BackendError("this model cannot enforce grammars")
             matcher = await asyncio.to_thread(self.grammars.matcher, request.grammar)
             mask = GuidanceMask(matcher, self.grammars.tokenizer.vocab_size, self.end_ids)
-        events = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        def start(emit: Emit) -> None:
+            job = Request(request, emit, mask)
+            self._requests[request.request_id] = job
+            loop_.submit(job)
 
-        def emit(item: GenerationEvent | BaseException) -> None:
-            try:
-                events.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening
-                job.cancelled = True
+        def stop() -> None:
+            job = self._requests.pop(request.request_id, None)
+            if job is not None:
+                loop_.cancel(job)
 
-        job = Request(request, emit, mask)
-        self._requests[request.request_id] = job
-        loop_.submit(job)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            self._requests.pop(request.request_id, None)
-            loop_.cancel(job)
+        async for event in events_from_thread(start, stop):
+            yield event
 
     def abort(self, request_id: str) -> None:
         job = self._requests.get(request_id)

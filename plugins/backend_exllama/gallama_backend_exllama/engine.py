@@ -26,14 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gallama_kernel.backend import BackendError, GenerationEvent, GenerationRequest
+from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest
 from gallama_kernel.pipeline.stops import StopMatcher
 
 from .guidance import GuidanceMask
 
 log = logging.getLogger("gallama.exllama")
-
-Emit = Callable[[GenerationEvent | BaseException], None]
 
 
 @dataclass

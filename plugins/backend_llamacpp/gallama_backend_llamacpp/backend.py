@@ -25,9 +25,11 @@ from gallama_kernel.backend import (
     Backend,
     BackendError,
     Capabilities,
+    Emit,
     GenerationEvent,
     GenerationRequest,
     ProgressCallback,
+    events_from_thread,
 )
 from gallama_kernel.config import ModelSpec
 
@@ -220,29 +222,18 @@ class LlamaCppBackend(Backend):
         matcher = None
         if request.grammar is not None:  # compiling drops the GIL: off the event loop and off the engine thread
             matcher = await asyncio.to_thread(self._require_grammars().matcher, request.grammar)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        def start(emit: Emit) -> None:
+            job = Job(request, emit, matcher=matcher)
+            self._jobs[request.request_id] = job
+            engine.submit(job)
 
-        def emit(item: GenerationEvent | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening
-                job.cancelled = True
+        def stop() -> None:
+            job = self._jobs.pop(request.request_id, None)
+            if job is not None:
+                engine.cancel(job)
 
-        job = Job(request, emit, matcher=matcher)
-        self._jobs[request.request_id] = job
-        engine.submit(job)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            self._jobs.pop(request.request_id, None)
-            engine.cancel(job)
+        async for event in events_from_thread(start, stop):
+            yield event
 
     def abort(self, request_id: str) -> None:
         job = self._jobs.get(request_id)

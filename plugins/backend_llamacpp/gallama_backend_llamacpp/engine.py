@@ -29,13 +29,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp as ll
 import llguidance
 
-from gallama_kernel.backend import BackendError, GenerationEvent, GenerationRequest
+from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest
 from gallama_kernel.pipeline.stops import StopMatcher
 
 from .grammar import TokenMask
@@ -44,8 +43,6 @@ from .sampling import build_chain
 from .speculative import Drafter, DraftRequest
 
 log = logging.getLogger("gallama.llama_cpp")
-
-Emit = Callable[[GenerationEvent | BaseException], None]
 
 
 @dataclass
