@@ -40,7 +40,7 @@ from gallama_kernel.pipeline.stops import StopMatcher
 from .grammar import TokenMask
 from .model import LlamaModel
 from .sampling import build_chain
-from .speculative import Drafter, DraftRequest
+from .speculative import Drafter, DraftRequest, common_prefix
 
 log = logging.getLogger("gallama.llama_cpp")
 
@@ -215,7 +215,7 @@ class Engine:
             if job.cancelled:
                 continue
             prompt = job.request.prompt_tokens
-            shared = {s.seq_id: _common_prefix(s.cached, prompt) for s in self.slots}  # once per admission
+            shared = {s.seq_id: common_prefix(s.cached, prompt) for s in self.slots}  # once per admission
             slot = _choose_slot(free, shared)
             self._borrow_prefix(slot, shared)
             reuse = min(shared[slot.seq_id], len(prompt) - 1)  # the last token yields logits
@@ -469,11 +469,3 @@ def _choose_slot(free: list[Slot], shared: dict[int, int]) -> Slot:
 
 def _average(current: float | None, sample: float, weight: float = 0.2) -> float:
     return sample if current is None else current + weight * (sample - current)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_grammar_engine import bounded_json_object  # the same grammar, same sizes
 
 from gallama_backend_llamacpp.backend import LlamaCppBackend
@@ -29,6 +31,7 @@ from gallama_backend_llamacpp.speculative import (
     NgramIndex,
     PromptLookup,
     check_same_vocabulary,
+    common_prefix,
     resolve_draft_path,
 )
 from gallama_kernel.backend import BackendError, GenerationEvent, GenerationRequest, SamplingParams
@@ -336,3 +339,10 @@ def test_missing_draft_file_is_refused_at_load(tmp_path):
     with pytest.raises(BackendError, match=r"draft_model_id=.*draft\.gguf: model file not found"):
         backend.load()
     assert backend.model is None and backend.engine is None
+
+
+@given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), max_size=40))
+def test_common_prefix_is_the_first_difference(a, b):
+    expected = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    assert common_prefix(a, b) == expected == common_prefix(b, a)
+    assert common_prefix(a, a + b) == len(a)
