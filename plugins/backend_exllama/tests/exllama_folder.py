@@ -52,3 +52,46 @@ def make_folder(path: Path) -> Path:
         "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
     (path / "model.safetensors").write_bytes(b"")
     return path
+
+
+TINY_LLAMA = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048}
+
+
+def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A model folder exllamav2 can load: a 2-layer Llama with random FP16 weights (~1 MB) on the byte-level
+    tokenizer above, for GPU tests on machines that cannot download a model. Its text is noise; what it checks
+    is the plumbing: loading, generation, grammar masks, stop strings, cache reuse, concurrency."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    make_folder(path)
+    c = TINY_LLAMA
+    hidden, inner, heads, kv_heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], \
+        c["num_key_value_heads"]
+    head_dim = hidden // heads
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": N_VOCAB, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "bos_token_id": END_ID, "eos_token_id": END_ID, **c}))
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.05).astype(np.float16)
+
+    tensors = {"model.embed_tokens.weight": weight(N_VOCAB, hidden), "lm_head.weight": weight(N_VOCAB, hidden),
+               "model.norm.weight": np.ones(hidden, dtype=np.float16)}
+    for layer in range(c["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        tensors.update({
+            prefix + "input_layernorm.weight": np.ones(hidden, dtype=np.float16),
+            prefix + "post_attention_layernorm.weight": np.ones(hidden, dtype=np.float16),
+            prefix + "self_attn.q_proj.weight": weight(heads * head_dim, hidden),
+            prefix + "self_attn.k_proj.weight": weight(kv_heads * head_dim, hidden),
+            prefix + "self_attn.v_proj.weight": weight(kv_heads * head_dim, hidden),
+            prefix + "self_attn.o_proj.weight": weight(hidden, heads * head_dim),
+            prefix + "mlp.gate_proj.weight": weight(inner, hidden),
+            prefix + "mlp.up_proj.weight": weight(inner, hidden),
+            prefix + "mlp.down_proj.weight": weight(hidden, inner)})
+    save_file(tensors, str(path / "model.safetensors"))
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from exllama_folder import END, END_ID
+from exllama_folder import END, END_ID, N_VOCAB, make_tiny_llama
 
 from gallama_backend_exllama.settings import (
     adds_bos,
@@ -119,3 +119,13 @@ def test_end_tokens(folder):
     assert end_token_ids(folder, 5, specials) == [5, 7, END_ID]
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": END_ID}))
     assert end_token_ids(folder, None, {}) == [END_ID]
+
+
+def test_the_tiny_gpu_test_model_is_a_loadable_folder(tmp_path):
+    from safetensors.numpy import load_file
+
+    folder = make_tiny_llama(tmp_path)
+    assert model_folder(str(folder)) == folder and trained_context(folder) == 2048
+    weights = load_file(str(folder / "model.safetensors"))
+    assert weights["model.embed_tokens.weight"].shape == (N_VOCAB, 256) and len(weights) == 3 + 2 * 9
+    assert plan_load(spec(max_seq_len=2048), trained_context(folder)).cache_tokens == 2048
