@@ -38,9 +38,9 @@ from gallama_kernel.backend import BackendError, Emit, GenerationEvent, Generati
 from gallama_kernel.pipeline.stops import StopMatcher
 
 from .grammar import TokenMask
-from .model import LlamaModel
+from .model import LlamaModel, common_prefix
 from .sampling import build_chain
-from .speculative import Drafter, DraftRequest, common_prefix
+from .speculative import Drafter, DraftRequest
 
 log = logging.getLogger("gallama.llama_cpp")
 
@@ -216,7 +216,7 @@ class Engine:
                 continue
             prompt = job.request.prompt_tokens
             shared = {s.seq_id: common_prefix(s.cached, prompt) for s in self.slots}  # once per admission
-            slot = _choose_slot(free, shared)
+            slot = _choose_slot(free, shared, len(prompt), self.config.min_prefix_copy)
             self._borrow_prefix(slot, shared)
             reuse = min(shared[slot.seq_id], len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
@@ -453,15 +453,19 @@ class Engine:
             slot.sampler = None
 
 
-def _choose_slot(free: list[Slot], shared: dict[int, int]) -> Slot:
+def _choose_slot(free: list[Slot], shared: dict[int, int], prompt_tokens: int, min_whole: int) -> Slot:
     """The free slot whose cache serves the prompt best (``shared``: prefix length per seq_id), without
     wrecking another conversation's cache.
 
-    A slot qualifies when the shared prefix is at least half of what it holds (an empty slot always does);
-    among those the longest shared prefix wins. Otherwise the least recently used slot is taken. A short
-    common opening (a chat template's first tokens) must not make two agents evict each other.
+    A slot qualifies when the shared prefix is at least half of what it holds (an empty slot always does), or
+    when it holds the whole prompt and that is at least ``min_whole`` tokens (the same request again, or a
+    reply regenerated: only what the slot holds after the prompt is lost); among those the longest shared
+    prefix wins. Otherwise the least recently used slot is taken. A short common opening (a chat template's
+    first tokens) must not make two agents evict each other.
     """
-    fitting = [slot for slot in free if 2 * shared[slot.seq_id] >= len(slot.cached)]
+    whole = prompt_tokens - 1  # the most a request reuses: its last token is computed for its logits
+    fitting = [slot for slot in free if 2 * shared[slot.seq_id] >= len(slot.cached)
+               or shared[slot.seq_id] >= whole >= min_whole]
     if fitting:
         return max(fitting, key=lambda slot: (shared[slot.seq_id], -slot.last_used))
     return min(free, key=lambda slot: slot.last_used)

@@ -1,9 +1,11 @@
-"""A loaded GGUF model: vocabulary, tokenizer, chat template. Thread-safe reads only."""
+"""A loaded GGUF model: vocabulary, tokenizer, chat template. Thread-safe."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable
 
 import llama_cpp as ll
@@ -11,6 +13,11 @@ import llama_cpp as ll
 from gallama_kernel.backend import BackendError
 
 log = logging.getLogger("gallama.llama_cpp")
+
+RECENT_PROMPTS = 8  # tokenized prompts kept for reuse (see LlamaModel.tokenize)
+MIN_REUSE_BYTES = 1024  # a shorter shared opening is tokenized again: cheaper than finding the cut
+_SPLITTING = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED  # llama.cpp cuts the text at these
+_STRIPPING = ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP
 
 _backend_ready = False
 _log_sink = None
@@ -55,6 +62,30 @@ class LlamaModel:
         self.eos_text = self._special_text(ll.llama_vocab_eos(self.vocab))
         raw = ll.llama_model_chat_template(self.ptr, None)
         self.chat_template = raw.decode("utf-8", errors="replace") if raw else None
+        self._cuts = self._cut_tokens()
+        self._recent: deque[tuple[bytes, list[int]]] = deque(maxlen=RECENT_PROMPTS)
+        self._recent_lock = threading.Lock()
+
+    def _cut_tokens(self) -> list[tuple[bytes, int]]:
+        """Control tokens whose text splits a prompt into pieces llama.cpp tokenizes independently (with
+        ``parse_special``, the text between special tokens is tokenized on its own): (text, id). Empty, and
+        prompts are always tokenized whole, for vocabularies where that does not hold or cannot be relied on:
+        other than BPE and SentencePiece, adding EOS, or with a special token whose text contains another's."""
+        kind = ll.llama_vocab_type(self.vocab)
+        if kind not in (ll.LLAMA_VOCAB_TYPE_BPE, ll.LLAMA_VOCAB_TYPE_SPM) or ll.llama_vocab_get_add_eos(self.vocab):
+            return []
+        specials: list[tuple[bytes, int, int]] = []
+        for token in range(self.n_vocab):
+            attr = ll.llama_vocab_get_attr(self.vocab, token)
+            if attr & _SPLITTING:
+                text = self._render(token, special=True)
+                if text:
+                    specials.append((text, token, attr))
+        texts = [text for text, _, _ in specials]
+        if any(a != b and a in b for a in texts for b in texts):
+            return []
+        return [(text, token) for text, token, attr in specials
+                if attr & ll.LLAMA_TOKEN_ATTR_CONTROL and not attr & _STRIPPING]
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -85,9 +116,48 @@ class LlamaModel:
         return self._eog[token]
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """llama.cpp's tokens of ``text`` (special-token text read as special tokens; BOS first when
+        ``add_special`` and the model wants it, unless the text already starts with it).
+
+        An agent sends its growing conversation again and again, and tokenizing costs ~1 µs per token here, on
+        the event loop. So the last few prompts are kept, and a new one that shares a long opening with one of
+        them reuses its tokens up to the last control token (``<|im_start|>``, …) inside the shared part, and
+        tokenizes only the rest: exactly llama.cpp's result, since it tokenizes the text between special
+        tokens independently (checked on every reuse; anything unexpected tokenizes the whole text).
+        """
         data = text.encode("utf-8")
         if add_special and self.add_bos and self.bos_text and text.startswith(self.bos_text):
             add_special = False  # the chat template already wrote BOS
+        if not self._cuts:
+            return self._tokenize(data, add_special)
+        body = self._reuse(data)
+        if body is None:
+            body = self._tokenize(data, False)
+        with self._recent_lock:
+            self._recent.append((data, body))
+        bos = ll.llama_vocab_bos(self.vocab)
+        return [bos, *body] if add_special and self.add_bos and bos >= 0 else list(body)
+
+    def _reuse(self, data: bytes) -> list[int] | None:
+        with self._recent_lock:
+            recent = list(self._recent)
+        shared, old, old_tokens = max(((common_prefix(data, o), o, t) for o, t in recent), default=(0, b"", []),
+                                      key=lambda item: item[0])
+        if shared < MIN_REUSE_BYTES:
+            return None
+        cut, text, token = max(((data.rfind(text, 0, shared), text, token) for text, token in self._cuts),
+                               key=lambda item: item[0])
+        if cut <= 0 or old.count(text) != old_tokens.count(token):  # every occurrence must be that token
+            return None
+        index = -1
+        for _ in range(old.count(text, 0, cut) + 1):
+            index = old_tokens.index(token, index + 1)
+        tail = self._tokenize(data[cut:], False)
+        if not tail or tail[0] != token:
+            return None
+        return old_tokens[:index] + tail
+
+    def _tokenize(self, data: bytes, add_special: bool) -> list[int]:
         capacity = len(data) + 8
         tokens = (ll.llama_token * capacity)()
         n = ll.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
@@ -104,3 +174,20 @@ class LlamaModel:
         if self.ptr:
             ll.llama_model_free(self.ptr)
             self.ptr = None
+
+
+def common_prefix(a: list[int] | bytes, b: list[int] | bytes) -> int:
+    """Length of the common prefix of two token lists (or byte strings): a bisection over slice ranges, which
+    compare in C (about 2n elements), where a Python loop over a long shared history (8 slots x thousands of
+    tokens, on the engine thread while every stream waits) took milliseconds."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low]; the first difference lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low

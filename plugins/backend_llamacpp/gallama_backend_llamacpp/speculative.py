@@ -33,7 +33,7 @@ import numpy as np
 from gallama_kernel.backend import BackendError
 from gallama_kernel.config import ConfigError, resolve_named_model
 
-from .model import LlamaModel
+from .model import LlamaModel, common_prefix
 
 PROMPT_LOOKUP = "prompt_lookup"
 """The ``draft_model_id`` value that selects prompt-lookup decoding instead of a draft model."""
@@ -287,20 +287,3 @@ def load_drafter(draft_model_id: str, target: LlamaModel, n_gpu_layers: int = 0)
         model.close()
         raise
     return DraftModel(model, path)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix: a bisection over list slices, which compare in C (about 2n element copies),
-    where a Python loop over a long shared history (8 slots x thousands of tokens, on the engine thread while
-    every stream waits) took milliseconds."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n  # a[:low] == b[:low]; the first difference lies in [low, high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[low:middle] == b[low:middle]:
-            low = middle
-        else:
-            high = middle
-    return low

@@ -99,6 +99,16 @@ def test_prefix_is_reused_by_the_next_request(backend):
     assert again[-1].cached_tokens == len(backend.tokenize(PROMPT)) - 1
 
 
+def test_the_same_prompt_again_reuses_the_slot_that_generated_longer_after_it(backend):
+    prompt = ("<|im_start|>user\nWrite a long story about a cat who lives in an old stone lighthouse by the grey "
+              "northern sea and befriends a seagull.<|im_end|>\n<|im_start|>assistant\n")
+    first = generate(backend, "again-1", max_tokens=96, prompt=prompt)
+    assert first[-1].completion_tokens > len(backend.tokenize(prompt)) > 33  # the slot then holds more output
+    again = generate(backend, "again-2", max_tokens=96, prompt=prompt)  # than prompt: no half-shared rule
+    assert again[-1].cached_tokens == len(backend.tokenize(prompt)) - 1
+    assert "".join(e.text for e in again) == "".join(e.text for e in first)
+
+
 def test_stop_string_is_cut(backend):
     text = "".join(e.text for e in generate(backend, "free", max_tokens=30))
     stop = text[5:9]

@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from test_grammar_engine import bounded_json_object  # the same grammar, same sizes
 
 from gallama_backend_llamacpp.backend import LlamaCppBackend
+from gallama_backend_llamacpp.model import common_prefix
 from gallama_backend_llamacpp.speculative import (
     PROMPT_LOOKUP,
     NgramIndex,
     PromptLookup,
     check_same_vocabulary,
-    common_prefix,
     resolve_draft_path,
 )
 from gallama_kernel.backend import BackendError, GenerationEvent, GenerationRequest, SamplingParams
