@@ -10,7 +10,7 @@ import abc
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 if TYPE_CHECKING:
     from .config import ModelSpec
@@ -77,6 +77,7 @@ class Capabilities:
 
 
 ProgressCallback = Callable[[float], None]
+J = TypeVar("J")
 Emit = Callable[["GenerationEvent | BaseException"], None]
 
 
@@ -105,6 +106,36 @@ async def events_from_thread(start: Callable[[Emit], None], stop: Callable[[], N
                 return
     finally:
         stop()
+
+
+class ThreadJobs:
+    """The generations a backend's engine thread is running, by request id: streamed with
+    :func:`events_from_thread`, cancelled when the stream ends early and by :meth:`abort`."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, tuple[Any, Callable[[Any], None]]] = {}
+
+    def events(self, request_id: str, make: Callable[[Emit], J], submit: Callable[[J], None],
+               cancel: Callable[[J], None]) -> AsyncIterator[GenerationEvent]:
+        """Events of the job ``make(emit)``, handed to the engine with ``submit``; ``cancel`` (thread-safe)
+        stops it."""
+
+        def start(emit: Emit) -> None:
+            job = make(emit)
+            self._running[request_id] = (job, cancel)
+            submit(job)
+
+        def stop() -> None:
+            entry = self._running.pop(request_id, None)
+            if entry is not None:
+                entry[1](entry[0])
+
+        return events_from_thread(start, stop)
+
+    def abort(self, request_id: str) -> None:
+        entry = self._running.get(request_id)
+        if entry is not None:
+            entry[1](entry[0])
 
 
 class BackendError(RuntimeError):

@@ -1,4 +1,4 @@
-"""events_from_thread: the relay from an engine thread to a backend's async event stream."""
+"""events_from_thread and ThreadJobs: the relay from an engine thread to a backend's async event stream."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from gallama_kernel.backend import Emit, GenerationEvent, events_from_thread
+from gallama_kernel.backend import Emit, GenerationEvent, ThreadJobs, events_from_thread
 
 
 class Worker:
@@ -76,3 +76,27 @@ def test_emitting_after_the_event_loop_closed_stops_the_generation():
     before = worker.stops
     emitted[0](GenerationEvent("x", 1))  # the loop is closed now
     assert worker.stops == before + 1
+
+
+def test_thread_jobs_abort_by_request_id_and_forget_finished_ones():
+    jobs, cancelled = ThreadJobs(), []
+    emits: dict[str, Emit] = {}
+
+    def make(emit: Emit) -> str:
+        emits["r1"] = emit
+        return "job-1"
+
+    async def run() -> list[GenerationEvent]:
+        stream = jobs.events("r1", make, lambda job: None, cancelled.append)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        jobs.abort("r1")  # the engine is asked to stop job-1; its final event still ends the stream
+        emits["r1"](GenerationEvent("", 0, "stop"))
+        events = [await first]
+        await stream.aclose()
+        return events
+
+    assert [e.finish_reason for e in asyncio.run(run())] == ["stop"]
+    assert cancelled == ["job-1", "job-1"]  # by abort, then once more as the stream ended
+    jobs.abort("r1")  # finished: nothing left to cancel
+    assert cancelled == ["job-1", "job-1"]

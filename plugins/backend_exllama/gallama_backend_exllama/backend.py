@@ -30,7 +30,7 @@ from gallama_kernel.backend import (
     GenerationEvent,
     GenerationRequest,
     ProgressCallback,
-    events_from_thread,
+    ThreadJobs,
 )
 from gallama_kernel.config import ConfigError, resolve_named_model
 from gallama_kernel.grammar.matchers import MatcherCache
@@ -78,7 +78,7 @@ class ExLlamaBackend(Backend):
         self.grammars: MatcherCache | None = None
         self.end_ids: list[int] = []
         self._objects: dict[str, Any] = {}  # exllamav2 model, cache, tokenizer, generator, draft model/cache
-        self._requests: dict[str, Request] = {}
+        self._requests = ThreadJobs()
         self._pieces: list[str] = []
         self._add_bos = False
         self._bos_text = ""
@@ -253,23 +253,15 @@ class ExLlamaBackend(Backend):
                 raise BackendError("this model cannot enforce grammars")
             matcher = await asyncio.to_thread(self.grammars.matcher, request.grammar)
             mask = GuidanceMask(matcher, self.grammars.tokenizer.vocab_size, self.end_ids)
-        def start(emit: Emit) -> None:
-            job = Request(request, emit, mask)
-            self._requests[request.request_id] = job
-            loop_.submit(job)
 
-        def stop() -> None:
-            job = self._requests.pop(request.request_id, None)
-            if job is not None:
-                loop_.cancel(job)
+        def make(emit: Emit) -> Request:
+            return Request(request, emit, mask)
 
-        async for event in events_from_thread(start, stop):
+        async for event in self._requests.events(request.request_id, make, loop_.submit, loop_.cancel):
             yield event
 
     def abort(self, request_id: str) -> None:
-        job = self._requests.get(request_id)
-        if job is not None and self.loop is not None:
-            self.loop.cancel(job)
+        self._requests.abort(request_id)
 
     def health(self) -> dict[str, object]:
         if self.loop is None or self.plan is None:

@@ -29,7 +29,7 @@ from gallama_kernel.backend import (
     GenerationEvent,
     GenerationRequest,
     ProgressCallback,
-    events_from_thread,
+    ThreadJobs,
 )
 from gallama_kernel.config import ModelSpec
 
@@ -118,7 +118,7 @@ class LlamaCppBackend(Backend):
         self.model: LlamaModel | None = None
         self.engine: Engine | None = None
         self.grammars: GrammarEngine | None = None
-        self._jobs: dict[str, Job] = {}
+        self._jobs = ThreadJobs()
 
     def load(self, progress: ProgressCallback | None = None) -> None:
         spec = self.spec
@@ -222,23 +222,15 @@ class LlamaCppBackend(Backend):
         matcher = None
         if request.grammar is not None:  # compiling drops the GIL: off the event loop and off the engine thread
             matcher = await asyncio.to_thread(self._require_grammars().matcher, request.grammar)
-        def start(emit: Emit) -> None:
-            job = Job(request, emit, matcher=matcher)
-            self._jobs[request.request_id] = job
-            engine.submit(job)
 
-        def stop() -> None:
-            job = self._jobs.pop(request.request_id, None)
-            if job is not None:
-                engine.cancel(job)
+        def make(emit: Emit) -> Job:
+            return Job(request, emit, matcher=matcher)
 
-        async for event in events_from_thread(start, stop):
+        async for event in self._jobs.events(request.request_id, make, engine.submit, engine.cancel):
             yield event
 
     def abort(self, request_id: str) -> None:
-        job = self._jobs.get(request_id)
-        if job is not None and self.engine is not None:
-            self.engine.cancel(job)
+        self._jobs.abort(request_id)
 
     def health(self) -> dict[str, object]:
         if self.engine is None:
