@@ -76,6 +76,8 @@ from bench_spine import (
 )
 from openai.types.chat import ChatCompletionMessageParam
 
+from gallama_backend_llamacpp.model import common_prefix
+
 T = TypeVar("T")
 Messages = list[ChatCompletionMessageParam]
 
@@ -236,7 +238,7 @@ class ReplayFloor(DecodeLoop):
     async def complete(self, messages: Messages, max_tokens: int) -> Turn:
         start = time.perf_counter()
         prompt = self.tokenize_chat(messages)
-        keep = min(_common_prefix(self.held, prompt), len(prompt) - 1)  # the last token yields logits
+        keep = min(common_prefix(self.held, prompt), len(prompt) - 1)  # the last token yields logits
         ll.llama_memory_seq_rm(self.memory, 0, keep, -1)
         self.held = prompt[:keep]
         for at in range(keep, len(prompt), 512):
@@ -254,15 +256,6 @@ class ReplayFloor(DecodeLoop):
             self._decode([token], len(self.held))
             self.held.append(token)
         return Turn(time.perf_counter() - start, len(prompt), keep, generated)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # -- bookkeeping -------------------------------------------------------------------------------------------

@@ -36,18 +36,14 @@ from gallama_kernel.config import ConfigError, resolve_named_model
 from gallama_kernel.grammar.matchers import MatcherCache
 
 from .engine import GeneratorLoop, Request
-from .guidance import GuidanceMask, filter_class, tokenizer_from_folder
+from .guidance import GuidanceMask, filter_class, tokenizer_for
 from .settings import (
     PROMPT_LOOKUP,
     LoadPlan,
-    adds_bos,
-    chat_template,
-    end_token_ids,
+    TokenizerFiles,
     model_folder,
     plan_load,
     sampler_fields,
-    special_token_text,
-    special_tokens_of,
     trained_context,
 )
 
@@ -119,12 +115,13 @@ class ExLlamaBackend(Backend):
         if plan.draft_path:
             draft_model, draft_cache, _ = self._load_model(exl, Path(plan.draft_path), plan, None, draft=True)
         self._pieces = tokenizer.get_id_to_piece_list(False)
-        self.end_ids = end_token_ids(folder, tokenizer.eos_token_id, special_tokens_of(folder))
-        self._add_bos, self._template = adds_bos(folder), chat_template(folder)
-        self._bos_text = special_token_text(folder, "bos_token")
-        self._eos_text = special_token_text(folder, "eos_token")
+        files = TokenizerFiles(folder)
+        self.end_ids = files.end_token_ids(tokenizer.eos_token_id)
+        self._add_bos, self._template = files.adds_bos(), files.chat_template()
+        self._bos_text = files.special_token_text("bos_token")
+        self._eos_text = files.special_token_text("eos_token")
         try:
-            self.grammars = MatcherCache(tokenizer_from_folder(folder, self.end_ids))
+            self.grammars = MatcherCache(tokenizer_for(files, self.end_ids))
             self._filter = filter_class()
         except BackendError as error:
             log.warning("%s", error)

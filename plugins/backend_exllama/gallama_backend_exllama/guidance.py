@@ -12,7 +12,6 @@ continuing unconstrained.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import llguidance
@@ -20,17 +19,18 @@ import numpy as np
 
 from gallama_kernel.backend import BackendError
 
+from .settings import TokenizerFiles
+
 if TYPE_CHECKING:
     import torch
 
 
-def tokenizer_from_folder(folder: Path, end_ids: list[int], n_vocab: int | None = None) -> llguidance.LLTokenizer:
+def tokenizer_for(files: TokenizerFiles, end_ids: list[int]) -> llguidance.LLTokenizer:
     """llguidance's tokenizer of the model folder's ``tokenizer.json``; ``end_ids`` end a constrained output."""
     try:
-        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
-        return llguidance.LLTokenizer(text, n_vocab=n_vocab, eos_token=end_ids or None)
-    except (OSError, UnicodeDecodeError, ValueError, RuntimeError) as error:
-        raise BackendError(f"{folder / 'tokenizer.json'}: llguidance cannot read it ({error}); this model "
+        return llguidance.LLTokenizer(files.tokenizer_text, eos_token=end_ids or None)
+    except (ValueError, RuntimeError) as error:
+        raise BackendError(f"{files.folder / 'tokenizer.json'}: llguidance cannot read it ({error}); this model "
                            "cannot enforce grammars") from None
 
 

@@ -147,51 +147,67 @@ def sampler_fields(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-def chat_template(folder: Path) -> str | None:
-    """The model's Jinja chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
-    ``chat_template`` (a string, or a list of named templates: ``default`` or the first)."""
-    path = folder / "chat_template.jinja"
-    if path.exists():
-        return path.read_text(encoding="utf-8")
-    template = read_json(folder, "tokenizer_config.json").get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) and template.strip() else None
+class TokenizerFiles:
+    """The tokenizer side of a model folder, each file read once at load: ``tokenizer_config.json``,
+    ``generation_config.json``, ``chat_template.jinja`` and the text of ``tokenizer.json`` (also what llguidance
+    reads)."""
 
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.config = read_json(folder, "tokenizer_config.json")
+        self.generation = read_json(folder, "generation_config.json")
+        path = folder / "tokenizer.json"
+        try:
+            self.tokenizer_text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise BackendError(f"{path} cannot be read: {error}") from None
+        template = folder / "chat_template.jinja"
+        self._template_file = template.read_text(encoding="utf-8") if template.exists() else None
 
-def special_token_text(folder: Path, name: str) -> str:
-    """Text of ``bos_token`` / ``eos_token`` in ``tokenizer_config.json`` (a string or ``{"content": …}``)."""
-    value = read_json(folder, "tokenizer_config.json").get(name)
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else ""
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+        ``chat_template`` (a string, or a list of named templates: ``default`` or the first)."""
+        if self._template_file is not None:
+            return self._template_file
+        template = self.config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template if isinstance(template, str) and template.strip() else None
 
+    def special_token_text(self, name: str) -> str:
+        """Text of ``bos_token`` / ``eos_token`` in ``tokenizer_config.json`` (a string or ``{"content": …}``)."""
+        value = self.config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) else ""
 
-def adds_bos(folder: Path) -> bool:
-    """Whether prompts start with BOS: ``add_bos_token`` in ``tokenizer_config.json`` (false when absent)."""
-    return bool(read_json(folder, "tokenizer_config.json").get("add_bos_token", False))
+    def adds_bos(self) -> bool:
+        """Whether prompts start with BOS: ``add_bos_token`` in ``tokenizer_config.json`` (false when absent)."""
+        return bool(self.config.get("add_bos_token", False))
 
+    def special_tokens(self) -> dict[str, int]:
+        """Special tokens of ``tokenizer.json`` (``added_tokens`` marked special): piece -> id."""
+        try:
+            data = json.loads(self.tokenizer_text)
+        except json.JSONDecodeError as error:
+            raise BackendError(f"{self.folder / 'tokenizer.json'} cannot be read: {error}") from None
+        found: dict[str, int] = {}
+        for token in (data.get("added_tokens") if isinstance(data, dict) else None) or []:
+            if isinstance(token, dict) and token.get("special") and isinstance(token.get("id"), int):
+                found[str(token.get("content"))] = token["id"]
+        return found
 
-def end_token_ids(folder: Path, eos_token_id: int | None, special_id: dict[str, int]) -> list[int]:
-    """Token ids that end a generation: the tokenizer's EOS, ``generation_config.json``'s ``eos_token_id`` (an
-    id or a list), and the end-of-turn pieces of :data:`END_OF_TURN_PIECES` that are special tokens of this
-    vocabulary (``special_id``: piece -> id of the special tokens)."""
-    ids: list[int] = []
-    declared = read_json(folder, "generation_config.json").get("eos_token_id")
-    candidates = [eos_token_id, *(declared if isinstance(declared, list) else [declared])]
-    candidates += [special_id.get(piece) for piece in END_OF_TURN_PIECES]
-    for token in candidates:
-        if isinstance(token, int) and not isinstance(token, bool) and token >= 0 and token not in ids:
-            ids.append(token)
-    return ids
-
-
-def special_tokens_of(folder: Path) -> dict[str, int]:
-    """Special tokens of ``tokenizer.json`` (``added_tokens`` marked special): piece -> id."""
-    data = read_json(folder, "tokenizer.json")
-    found: dict[str, int] = {}
-    for token in data.get("added_tokens") or []:
-        if isinstance(token, dict) and token.get("special") and isinstance(token.get("id"), int):
-            found[str(token.get("content"))] = token["id"]
-    return found
+    def end_token_ids(self, eos_token_id: int | None) -> list[int]:
+        """Token ids that end a generation: the tokenizer's EOS, ``generation_config.json``'s ``eos_token_id``
+        (an id or a list), and the end-of-turn pieces of :data:`END_OF_TURN_PIECES` that are special tokens of
+        this vocabulary."""
+        special_id = self.special_tokens()
+        declared = self.generation.get("eos_token_id")
+        candidates = [eos_token_id, *(declared if isinstance(declared, list) else [declared])]
+        candidates += [special_id.get(piece) for piece in END_OF_TURN_PIECES]
+        ids: list[int] = []
+        for token in candidates:
+            if isinstance(token, int) and not isinstance(token, bool) and token >= 0 and token not in ids:
+                ids.append(token)
+        return ids

@@ -6,7 +6,8 @@ import pytest
 import torch
 from exllama_folder import END_ID, N_VOCAB
 
-from gallama_backend_exllama.guidance import GuidanceMask, tokenizer_from_folder
+from gallama_backend_exllama.guidance import GuidanceMask, tokenizer_for
+from gallama_backend_exllama.settings import TokenizerFiles
 from gallama_kernel.backend import BackendError
 from gallama_kernel.grammar import Grammar, GrammarError
 from gallama_kernel.grammar.matchers import MatcherCache
@@ -16,7 +17,7 @@ BOOLEAN = Grammar('start: "true" | "false"', 'start: "true" | "false"', "a boole
 
 @pytest.fixture
 def grammars(folder) -> MatcherCache:
-    return MatcherCache(tokenizer_from_folder(folder, [END_ID]))
+    return MatcherCache(tokenizer_for(TokenizerFiles(folder), [END_ID]))
 
 
 def test_tokenizer_from_the_folders_tokenizer_json(grammars):
@@ -28,7 +29,7 @@ def test_tokenizer_from_the_folders_tokenizer_json(grammars):
 def test_unreadable_tokenizer_is_a_load_time_refusal(folder):
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(BackendError, match="cannot enforce grammars"):
-        tokenizer_from_folder(folder, [0])
+        tokenizer_for(TokenizerFiles(folder), [0])
 
 
 def test_mask_allows_exactly_the_grammar_then_only_the_end(grammars):

@@ -19,7 +19,8 @@ import torch
 from exllama_folder import END_ID, N_VOCAB
 
 from gallama_backend_exllama.engine import GeneratorLoop, Request
-from gallama_backend_exllama.guidance import GuidanceMask, tokenizer_from_folder
+from gallama_backend_exllama.guidance import GuidanceMask, tokenizer_for
+from gallama_backend_exllama.settings import TokenizerFiles
 from gallama_kernel.backend import BackendError, GenerationEvent, GenerationRequest
 from gallama_kernel.grammar import Grammar
 from gallama_kernel.grammar.matchers import MatcherCache
@@ -181,7 +182,7 @@ def test_refused_job_and_failed_step_are_errors_and_the_loop_survives(run):
 
 
 def test_complete_grammar_ends_at_once_and_matcher_errors_fail(run, folder):
-    grammars = MatcherCache(tokenizer_from_folder(folder, [END_ID]))
+    grammars = MatcherCache(tokenizer_for(TokenizerFiles(folder), [END_ID]))
     boolean = Grammar('start: "true" | "false"', 'start: "true" | "false"', "a boolean")
     done = GuidanceMask(grammars.matcher(boolean), N_VOCAB, [END_ID])
     done.feed(258)  # exllamav2 feeds the filter before it reports the token's result

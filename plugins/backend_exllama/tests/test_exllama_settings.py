@@ -8,14 +8,10 @@ import pytest
 from exllama_folder import END, END_ID, N_VOCAB, make_tiny_llama
 
 from gallama_backend_exllama.settings import (
-    adds_bos,
-    chat_template,
-    end_token_ids,
+    TokenizerFiles,
     model_folder,
     plan_load,
     sampler_fields,
-    special_token_text,
-    special_tokens_of,
     trained_context,
 )
 from gallama_kernel.backend import BackendError, SamplingParams
@@ -101,24 +97,26 @@ def test_sampler_fields_are_openai_defaults_not_exllamav2s():
 
 
 def test_template_and_special_tokens(folder):
-    assert chat_template(folder) == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert special_token_text(folder, "bos_token") == "<s>" and special_token_text(folder, "eos_token") == END
-    assert not adds_bos(folder)
+    files = TokenizerFiles(folder)
+    assert files.chat_template() == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert files.special_token_text("bos_token") == "<s>" and files.special_token_text("eos_token") == END
+    assert not files.adds_bos()
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
         {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}], "add_bos_token": True}))
-    assert chat_template(folder) == "D" and adds_bos(folder)
+    files = TokenizerFiles(folder)
+    assert files.chat_template() == "D" and files.adds_bos()
     (folder / "chat_template.jinja").write_text("J")
-    assert chat_template(folder) == "J"
+    assert TokenizerFiles(folder).chat_template() == "J"
 
 
 def test_end_tokens(folder):
-    specials = special_tokens_of(folder)
+    specials = TokenizerFiles(folder).special_tokens()
     assert specials == {END: END_ID}
-    assert end_token_ids(folder, 5, specials) == [5, END_ID]
+    assert TokenizerFiles(folder).end_token_ids(5) == [5, END_ID]
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 5, True]}))
-    assert end_token_ids(folder, 5, specials) == [5, 7, END_ID]
+    assert TokenizerFiles(folder).end_token_ids(5) == [5, 7, END_ID]
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": END_ID}))
-    assert end_token_ids(folder, None, {}) == [END_ID]
+    assert TokenizerFiles(folder).end_token_ids(None) == [END_ID]
 
 
 def test_the_tiny_gpu_test_model_is_a_loadable_folder(tmp_path):
