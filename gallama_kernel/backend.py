@@ -81,6 +81,13 @@ J = TypeVar("J")
 Emit = Callable[["GenerationEvent | BaseException"], None]
 
 
+def hold_text(emitted_at: float | None, interval_s: float, now: float) -> bool:
+    """Whether streamed text must wait for a later event: the last one went out (at ``emitted_at``, ``None``
+    for none yet) less than ``interval_s`` before ``now``. The first text of a generation is never held, and the
+    final event carries whatever still is (see :attr:`Backend.stream_interval_s`)."""
+    return emitted_at is not None and now - emitted_at < interval_s
+
+
 async def events_from_thread(start: Callable[[Emit], None], stop: Callable[[], None]) -> AsyncIterator[GenerationEvent]:
     """The events of a generation that an engine thread runs: ``start(emit)`` hands it to the thread, which calls
     ``emit`` with each event (or an exception, raised here); the event with a ``finish_reason`` ends the

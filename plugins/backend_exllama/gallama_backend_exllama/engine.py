@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest
+from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest, hold_text
 from gallama_kernel.pipeline.stops import StopMatcher
 
 from .guidance import GuidanceMask
@@ -188,12 +188,11 @@ class GeneratorLoop:
                      prompt=int(result.get("prompt_tokens", len(request.request.prompt_tokens))))
 
     def _pace(self, request: Request) -> None:
-        """Emit the held text unless the last event went out less than ``emit_interval_s`` ago (the first
-        text of a generation is never held)."""
+        """Emit the held text unless the kernel's pacing holds it (see :func:`hold_text`)."""
         if not request.held:
             return
         now = time.perf_counter()
-        if request.emitted_at is not None and now - request.emitted_at < request.request.emit_interval_s:
+        if hold_text(request.emitted_at, request.request.emit_interval_s, now):
             return
         request.emitted_at = now
         request.emit(GenerationEvent(request.held, request.tokens))

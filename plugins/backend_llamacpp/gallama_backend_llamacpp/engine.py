@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import llama_cpp as ll
 import llguidance
 
-from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest
+from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest, hold_text
 from gallama_kernel.pipeline.stops import StopMatcher
 
 from .grammar import TokenMask
@@ -414,7 +414,7 @@ class Engine:
         if not slot.text or job is None:
             return
         now = time.perf_counter()
-        if slot.emitted_at is not None and now - slot.emitted_at < job.request.emit_interval_s:
+        if hold_text(slot.emitted_at, job.request.emit_interval_s, now):
             return
         slot.emitted_at = now
         job.emit(GenerationEvent(slot.text, slot.generated))
