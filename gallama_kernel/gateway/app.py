@@ -13,11 +13,10 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -30,13 +29,13 @@ from ..config import ConfigError, ModelSpec, build_spec, load_model_config
 from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from . import mixture
 from .pool import Pool, Worker
-from .upstream import UpstreamClient, UpstreamError
+from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("gallama.gateway")
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 GATEWAY_KEEP_ALIVE_S = 30.0
+WORKER_HEALTH_TIMEOUT_S = 5.0
 
 
 class Unauthorized(APIError):
@@ -51,10 +50,10 @@ class Gateway:
         self.pool = pool
         self.home = home
         self.admin_key = admin_key
-        # proxied requests (see upstream.py). Idle connections to workers are dropped by this side first
-        # (workers keep them WORKER_KEEP_ALIVE_S): never a request written into a connection the worker is closing
+        # proxied requests and health checks (see upstream.py). Idle connections to workers are dropped by this
+        # side first (workers keep them WORKER_KEEP_ALIVE_S): never a request written into a connection the worker
+        # is closing
         self.upstream = UpstreamClient(GATEWAY_KEEP_ALIVE_S)
-        self.client = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(keepalive_expiry=GATEWAY_KEEP_ALIVE_S))
 
     def check_admin(self, request: Request) -> None:
         if not self.admin_key:
@@ -126,14 +125,14 @@ class Gateway:
         return EventStream(relay(), status_code=upstream.status)
 
     async def close(self) -> None:
-        await self.client.aclose()
         self.upstream.close()
         await self.pool.close()
 
 
-def create_gateway(pool: Pool, home: Any, admin_key: str | None = None,
-                   initial: list[ModelSpec] | None = None) -> FastAPI:
-    """The gateway app; ``initial`` models are loaded before it accepts connections (a failure aborts start)."""
+def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial: list[ModelSpec] | None = None,
+                   on_ready: Callable[[list[Any]], None] | None = None) -> FastAPI:
+    """The gateway app; ``initial`` models are loaded before it accepts connections (a failure aborts start), then
+    ``on_ready`` gets their groups."""
     gateway = Gateway(pool, home, admin_key)
 
     @asynccontextmanager
@@ -145,6 +144,8 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None,
             if failed:
                 await gateway.close()
                 raise RuntimeError("could not load " + "; ".join(failed))
+            if on_ready is not None:
+                on_ready(groups)
         try:
             yield
         finally:
@@ -238,10 +239,14 @@ async def _worker_health(gateway: Gateway, worker: Worker) -> dict[str, Any]:
     base = worker.describe()
     if worker.state != "ready":
         return {**base, "status": worker.state}
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        reply = await gateway.client.get(worker.base_url + "/health", timeout=5)
-        models = reply.json().get("models", {})
+    reply: UpstreamResponse | None = None
+    with contextlib.suppress(UpstreamError, TimeoutError, ValueError, AttributeError):
+        async with asyncio.timeout(WORKER_HEALTH_TIMEOUT_S):
+            reply = await gateway.upstream.get("127.0.0.1", worker.port or 0, "/health")
+            models = json.loads(await reply.read()).get("models", {})
         return {**base, **next(iter(models.values()), {"status": "failed"})}
+    if reply is not None:
+        reply.close()
     return {**base, "status": "unreachable"}
 
 

@@ -100,7 +100,14 @@ class UpstreamClient:
 
     async def post(self, host: str, port: int, path: str, body: bytes,
                    content_type: str = "application/json") -> UpstreamResponse:
-        head = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: {content_type}\r\n"
+        return await self.request("POST", host, port, path, body, content_type)
+
+    async def get(self, host: str, port: int, path: str) -> UpstreamResponse:
+        return await self.request("GET", host, port, path)
+
+    async def request(self, method: str, host: str, port: int, path: str, body: bytes = b"",
+                      content_type: str = "application/json") -> UpstreamResponse:
+        head = (f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: {content_type}\r\n"
                 f"content-length: {len(body)}\r\n\r\n").encode()
         address = (host, port)
         if time.monotonic() - self._pruned_at > self.keepalive_s:
