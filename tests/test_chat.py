@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, Field
+
 STORY = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
 
@@ -126,3 +128,48 @@ def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["smollm2"]
     assert client.models.retrieve("smollm2").id == "smollm2"
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=12)
+    species: str = Field(max_length=12)
+
+
+def test_a_parsed_message_goes_back_as_it_came(client):
+    """The openai SDK's parse() message carries ``parsed``, ``tool_calls`` and friends: the next turn takes it."""
+    messages = [{"role": "user", "content": "Invent a pet."}]
+    completion = client.chat.completions.parse(model="smollm2", messages=messages, response_format=Pet,
+                                               max_tokens=60, temperature=0)
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Pet)
+    messages += [message, {"role": "user", "content": "Describe it in one sentence."}]
+    second = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0)
+    assert second.choices[0].message.content
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_a_stream_helper_message_goes_back_as_it_came(client):
+    """The stream helper's final message carries ``refusal``, ``annotations``, ``audio``, ``function_call``,
+    ``parsed`` (all null): the next turn takes it."""
+    messages = [{"role": "user", "content": "Say hello."}]
+    # the helper refuses to finish a completion cut at max_tokens: a stop string ends it first
+    with client.chat.completions.stream(model="smollm2", messages=messages, max_tokens=48, stop=[".", "!", "?"],
+                                        temperature=0) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    message = final.choices[0].message
+    assert message.content
+    messages += [message, {"role": "user", "content": "Now say goodbye."}]
+    second = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0)
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert second.choices[0].message.content
+
+
+def test_fields_without_effect_on_the_output_change_nothing(client):
+    kwargs = {"model": "smollm2", "messages": STORY, "max_tokens": 12, "temperature": 0}
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    tagged = client.chat.completions.create(
+        metadata={"run": "e2e"}, store=False, user="u1", service_tier="auto", prompt_cache_key="story",
+        safety_identifier="hash-1", **kwargs).choices[0].message.content
+    assert tagged == plain

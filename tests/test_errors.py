@@ -81,7 +81,27 @@ def test_unknown_extension_field_is_named(server, client):
     assert_healthy(server, client)
 
 
-def test_unknown_route_and_method_keep_error_shape(server, client):
-    assert_error_shape(httpx.get(f"{server.base_url}/v1/nothing-here"), 404)
-    assert_error_shape(httpx.get(f"{server.base_url}/v1/chat/completions"), 405)
+def test_unknown_route_and_method_name_themselves(server, client):
+    error = assert_error_shape(httpx.get(f"{server.base_url}/v1/nope"), 404)
+    assert (error["message"], error["code"]) == ("Unknown route: GET /v1/nope", "unknown_route")
+    response = post(server, "/v1/models", json={})
+    error = assert_error_shape(response, 405)
+    assert error["message"] == "POST /v1/models is not allowed (allowed: GET)"
+    assert response.headers["allow"] == "GET"
+    error = assert_error_shape(httpx.get(f"{server.base_url}/v1/chat/completions"), 405)
+    assert "GET /v1/chat/completions" in error["message"]
+    assert_healthy(server, client)
+
+
+@pytest.mark.parametrize(("message", "param", "code"), [
+    ({"role": "user", "content": "x", "foo": 1}, "messages.0.foo", "unknown_field"),
+    ({"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                  {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
+     "messages.0.content.1", "unsupported_content"),
+])
+def test_message_refusals_name_the_place(server, client, message, param, code):
+    error = assert_error_shape(post(server, "/v1/chat/completions", json={"model": "smollm2", "messages": [message]}),
+                               400)
+    assert (error["param"], error["code"]) == (param, code)
+    assert param in error["message"]
     assert_healthy(server, client)

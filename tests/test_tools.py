@@ -6,7 +6,9 @@ import json
 
 import httpx
 import jsonschema
+import openai
 import pytest
+from pydantic import BaseModel, Field
 
 MODEL = "smollm2"
 
@@ -169,3 +171,36 @@ def test_bad_tools_are_400(server, client, body, param):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert ask(client, "hi", max_tokens=2).choices[0].message.content is not None
+
+
+def test_auto_without_tools_is_plain_chat(client):
+    completion = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                                tool_choice="auto", max_tokens=16, temperature=0)
+    choice = completion.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert not choice.message.tool_calls
+    assert choice.message.content
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=16, temperature=0)
+    assert choice.message.content == plain.choices[0].message.content
+    assert completion.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+class GetWeather(BaseModel):
+    city: str = Field(max_length=40)
+
+
+def test_parsed_tool_calls_go_back_with_their_results(client):
+    """parse() leaves ``parsed_arguments`` on each call; the message and a tool result make the next turn."""
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    weather = openai.pydantic_function_tool(GetWeather)
+    completion = client.chat.completions.parse(model=MODEL, messages=messages, tools=[weather],
+                                               tool_choice="required", max_tokens=60, temperature=0)
+    message = completion.choices[0].message
+    call = message.tool_calls[0]
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    messages += [message, {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=[weather], tool_choice="none",
+                                            max_tokens=30, temperature=0)
+    assert second.choices[0].message.content
+    assert second.usage.prompt_tokens_details.cached_tokens > 0

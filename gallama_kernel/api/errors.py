@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,20 @@ from starlette.exceptions import HTTPException
 from ..protocol.errors import APIError, error_body
 
 log = logging.getLogger("gallama.api")
+
+
+def routing_message(request: Request, error: HTTPException) -> tuple[str, str | None]:
+    """Message and code of an HTTP error. The router's own 404 and 405 carry only the status phrase, which
+    clients report as "model not found"; they say which method and path did not match instead."""
+    if error.detail != HTTPStatus(error.status_code).phrase:
+        return str(error.detail), None
+    route = f"{request.method} {request.url.path}"
+    if error.status_code == 404:
+        return f"Unknown route: {route}", "unknown_route"
+    if error.status_code == 405:
+        allowed = (error.headers or {}).get("Allow", "")
+        return f"{route} is not allowed" + (f" (allowed: {allowed})" if allowed else ""), "method_not_allowed"
+    return str(error.detail), None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -27,9 +42,11 @@ def install_error_handlers(app: FastAPI) -> None:
                                        param), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(error.detail), kind), status_code=error.status_code)
+        message, code = routing_message(request, error)
+        return JSONResponse(error_body(message, kind, code=code), status_code=error.status_code,
+                            headers=error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:

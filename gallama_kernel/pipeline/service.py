@@ -15,7 +15,7 @@ from ..backend import GenerationEvent, GenerationRequest, SamplingParams
 from ..grammar import Grammar
 from ..plugins import PluginHost
 from ..protocol.errors import InvalidRequest
-from ..protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from ..protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from . import constraints, tools
 from .embeddings import require_chat
 from .models import ModelRegistry, ServedModel
@@ -204,10 +204,16 @@ class ChatService:
             plan.messages = tools.add_system_text(plan.messages, tools.tool_system_prompt(offered, name))
 
     @staticmethod
-    def _message_dict(message: Any) -> dict[str, Any]:
-        role = "system" if message.role == "developer" else message.role
+    def _message_dict(message: ChatMessage) -> dict[str, Any]:
+        """The message as templates and the tool history read it: ``developer`` is ``system``, the deprecated
+        ``function`` result is a ``tool`` result and ``function_call`` a tool call; fields that carry nothing to
+        generate from (``parsed``, ``annotations``, ``audio``, past ``reasoning_content``) are left out."""
+        role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
         data: dict[str, Any] = {"role": role, "content": message.text}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        calls = message.calls
+        if calls:
+            data["tool_calls"] = [call.history() for call in calls]
+        for key in ("name", "tool_call_id"):
             if getattr(message, key) is not None:
                 data[key] = getattr(message, key)
         return data

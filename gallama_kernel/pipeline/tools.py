@@ -66,13 +66,15 @@ def render_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             calls = []
             for call in message["tool_calls"]:
                 function = call.get("function") or {}
-                names[str(call.get("id"))] = str(function.get("name", ""))
+                if call.get("id") is not None:
+                    names[str(call["id"])] = str(function.get("name", ""))
                 calls.append(call_text(str(function.get("name", "")), compact_arguments(function.get("arguments"))))
             text = message.get("content") or ""
             content = (text + "\n" if text else "") + CALL_SEPARATOR.join(calls)
             out.append({"role": "assistant", "content": content})
-        elif role == "tool":
-            name = names.get(str(message.get("tool_call_id")), message.get("name") or "")
+        elif role == "tool":  # a result names its function through its call's id, or itself (legacy results)
+            call_id = message.get("tool_call_id")
+            name = (names.get(str(call_id)) if call_id is not None else None) or message.get("name") or ""
             block = f'<tool_response name="{name}">\n{message.get("content") or ""}\n</tool_response>'
             if out and out[-1].get("_tool_results"):
                 out[-1]["content"] += "\n" + block

@@ -9,7 +9,9 @@ from starlette.testclient import TestClient
 
 from gallama_kernel import hookimpl
 from gallama_kernel.api.app import create_app
+from gallama_kernel.pipeline import constraints, tools
 from gallama_kernel.pipeline.models import ModelRegistry
+from gallama_kernel.pipeline.service import ChatService
 from gallama_kernel.plugins import PluginHost, RequestField
 from gallama_kernel.protocol.errors import InvalidRequest, ModelNotFound
 from gallama_kernel.protocol.openai import ChatCompletionRequest, CompletionRequest, validate_request
@@ -86,7 +88,6 @@ def test_wrong_content_type_names_the_message_content() -> None:
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"logit_bias": {"42": 1.0}}, "logit_bias"),
     ({"tools": [F, F]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
     ({"tools": [F], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "params": {}}}]}, "tools.0.function.params"),
@@ -150,7 +151,8 @@ def test_messages_content_parts_and_roles() -> None:
     request = chat(messages=[
         {"role": "developer", "content": "rules"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "content": "42", "tool_call_id": "1"},
     ])
     assert [m.text for m in request.messages] == ["rules", "ab", "", "42"]
@@ -219,3 +221,181 @@ def test_http_refusals_are_openai_error_bodies() -> None:
         schema = client.get("/openapi.json").json()
         body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
         assert "artifact" in body["schema"]["properties"]
+
+
+# -- tool_choice without tools -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [{"tool_choice": "auto"}, {"tool_choice": "none"}, {"tools": []},
+                                  {"tool_choice": "auto", "tools": []},
+                                  {"tool_choice": "auto", "parallel_tool_calls": False}])
+def test_auto_or_none_without_tools_constrains_nothing(body: dict[str, Any]) -> None:
+    request = chat(**body)
+    assert request.effective_tool_choice == "none"
+    assert constraints.from_request(request) is None
+    assert constraints.from_request(chat(response_format={"type": "json_object"}, **body)).kind == "json_object"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "f"}}])
+@pytest.mark.parametrize("given", [{}, {"tools": []}])
+def test_a_choice_that_demands_a_call_needs_tools(choice: Any, given: dict[str, Any]) -> None:
+    error = refused(tool_choice=choice, **given)
+    assert error.param == "tool_choice"
+    assert "needs tools" in error.message
+
+
+def test_auto_with_tools_is_still_auto() -> None:
+    assert chat(tools=[F]).effective_tool_choice == "auto"
+    assert chat(tools=[F], tool_choice="required").effective_tool_choice == "required"
+
+
+# -- messages as the official clients send them back -----------------------------------------------------
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}}
+PARSE_MESSAGE = {"content": '{"name":"x"}', "role": "assistant", "tool_calls": None, "parsed": {"name": "x"}}
+STREAM_MESSAGE = {"content": "", "refusal": None, "role": "assistant", "annotations": None, "audio": None,
+                  "function_call": None, "parsed": None, "tool_calls": [
+                      {**CALL, "function": {**CALL["function"], "parsed_arguments": {"x": 1}}, "index": 0}]}
+
+
+def rendered(*messages: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages as the generic tool history renders them (the path SmolLM2 takes)."""
+    request = chat(messages=[*USER, *messages])
+    return tools.render_history([ChatService._message_dict(m) for m in request.messages])
+
+
+@pytest.mark.parametrize("message", [
+    PARSE_MESSAGE, STREAM_MESSAGE,
+    {"role": "assistant", "content": "hi", "annotations": [{"type": "url_citation", "url_citation": {
+        "url": "u", "title": "t", "start_index": 0, "end_index": 1}}], "audio": {"id": "audio_1"}},
+    {"role": "assistant", "content": "hi", "reasoning_content": "earlier thoughts", "name": "bot"},
+    {"role": "user", "content": [{"type": "text", "text": "hi", "prompt_cache_breakpoint": {"mode": "explicit"}}],
+     "name": "ann"},
+    {"role": "developer", "content": "rules", "name": "ops"},
+])
+def test_every_documented_message_field_is_accepted(message: dict[str, Any]) -> None:
+    chat(messages=[*USER, message])
+
+
+def test_fields_that_carry_nothing_to_generate_from_are_not_rendered() -> None:
+    plain = rendered({"role": "assistant", "content": '{"name":"x"}'})
+    assert rendered(PARSE_MESSAGE) == plain
+    assert rendered({"role": "assistant", "content": '{"name":"x"}', "reasoning_content": "hmm", "audio": {"id": "a"},
+                     "annotations": [], "refusal": None, "function_call": None}) == plain
+
+
+def test_sdk_tool_calls_render_like_plain_ones() -> None:
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "2"}
+    assert rendered(STREAM_MESSAGE, result) == rendered({"role": "assistant", "content": None, "tool_calls": [CALL]},
+                                                         result)
+
+
+def test_a_refusal_is_what_the_assistant_said() -> None:
+    expected = rendered({"role": "assistant", "content": "I can't help with that."})
+    assert rendered({"role": "assistant", "content": None, "refusal": "I can't help with that."}) == expected
+    assert rendered({"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}) \
+        == expected
+    both = rendered({"role": "assistant", "content": "Partly.", "refusal": "No more."})
+    assert both[-1]["content"] == "Partly.\nNo more."
+
+
+def test_legacy_function_call_and_result_render_like_a_tool_call_and_result() -> None:
+    legacy = rendered({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": '{"x":1}'}},
+                      {"role": "function", "name": "f", "content": "2"})
+    modern = rendered({"role": "assistant", "content": None, "tool_calls": [CALL]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "2"})
+    assert legacy == modern
+    assert '<tool_response name="f">' in legacy[-1]["content"]
+
+
+@pytest.mark.parametrize(("message", "param"), [
+    ({"role": "user", "content": "x", "refusal": "no"}, "messages.1.refusal"),
+    ({"role": "system", "content": "x", "tool_calls": [CALL]}, "messages.1.tool_calls"),
+    ({"role": "tool", "content": "x", "parsed": {"a": 1}}, "messages.1.parsed"),
+    ({"role": "assistant", "content": "x", "foo": 1}, "messages.1.foo"),
+    ({"role": "assistant", "content": None, "tool_calls": [{**CALL, "extra": 1}]}, "messages.1.tool_calls.0.extra"),
+    ({"role": "user", "content": [{"type": "text", "text": "a", "foo": 1}]}, "messages.1.content.0.foo"),
+])
+def test_unknown_message_fields_are_refused_like_top_level_ones(message: dict[str, Any], param: str) -> None:
+    error = refused(messages=[*USER, message])
+    assert (error.param, error.code) == (param, "unknown_field")
+    assert f"'{param}'" in error.message
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    {"type": "file", "file": {"file_id": "file_1"}},
+])
+def test_parts_that_cannot_be_read_are_refused_where_they_are(part: dict[str, Any]) -> None:
+    error = refused(messages=[{"role": "user", "content": [{"type": "text", "text": "look"}, part]}])
+    assert error.param == "messages.0.content.1"
+    assert part["type"] in error.message and "messages.0.content.1" in error.message
+    assert "not supported by this server" in error.message
+
+
+@pytest.mark.parametrize(("message", "param"), [
+    ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}, "messages.1.content.0"),
+    ({"role": "user", "content": [{"type": "video"}]}, "messages.1.content.0.type"),
+    ({"role": "function", "content": "2"}, "messages.1.name"),
+    ({"role": "assistant", "tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "f", "input": "x"}}]},
+     "messages.1.tool_calls.0.type"),
+])
+def test_malformed_messages_name_the_place(message: dict[str, Any], param: str) -> None:
+    assert refused(messages=[*USER, message]).param == param
+
+
+# -- top-level fields that change nothing, and those that cannot be honoured ---------------------------
+
+def test_fields_without_effect_on_the_output_are_accepted() -> None:
+    request = chat(metadata={"team": "search", "run": "7"}, store=True, user="u1", service_tier="flex",
+                   prompt_cache_key="k", prompt_cache_retention="24h", prompt_cache_options={"ttl": "30m"},
+                   safety_identifier="hash", modalities=["text"], audio=None, prediction=None)
+    assert request.metadata == {"team": "search", "run": "7"}
+    assert request.extensions == {}
+    assert validate_request(CompletionRequest, {"model": "m", "prompt": "p", "user": "u1"}, {}).user == "u1"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"metadata": {"k": 1}}, "metadata.k"),
+    ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+    ({"store": "maybe"}, "store"),
+    ({"service_tier": "cheap"}, "service_tier"),
+    ({"safety_identifier": 5}, "safety_identifier"),
+    ({"prompt_cache_options": {"ttl": "1h"}}, "prompt_cache_options.ttl"),
+])
+def test_fields_without_effect_are_still_type_checked(body: dict[str, Any], param: str) -> None:
+    assert refused(**body).param == param
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"prediction": {"type": "content", "content": "old text"}}, "prediction"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"verbosity": "low"}, "verbosity"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+])
+def test_fields_that_would_change_the_output_are_refused_by_name(body: dict[str, Any], param: str) -> None:
+    error = refused(**body)
+    assert error.param == param
+    assert param in error.message
+
+
+# -- routes --------------------------------------------------------------------------------------------
+
+def test_unknown_routes_and_methods_name_themselves() -> None:
+    with TestClient(create_app(ModelRegistry(), PluginHost())) as client:
+        response = client.get("/v1/nope")
+        assert response.status_code == 404
+        assert response.json()["error"] == {"message": "Unknown route: GET /v1/nope", "type": "invalid_request_error",
+                                            "param": None, "code": "unknown_route"}
+        response = client.post("/v1/models")
+        assert response.status_code == 405
+        assert response.json()["error"]["message"] == "POST /v1/models is not allowed (allowed: GET)"
+        assert response.headers["allow"] == "GET"
+        response = client.get("/v1/models/nope")  # a route's own 404 keeps its message
+        assert response.json()["error"]["code"] == "model_not_found"
