@@ -70,13 +70,20 @@ class ModelSpec(BaseModel):
     aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
     draft_model_id: str | None = Field(default=None, description="Draft model for speculative decoding "
                                        "(backends that cannot use one refuse it at load).")
+    draft_model_name: str | None = Field(default=None, description="Label of the draft model in health and "
+                                         "logs (default: from draft_model_id).")
+    draft_gpus: list[float] | None = Field(default=None, description="Memory (GB) to use on each GPU for the "
+                                           "draft model (default: as gpus).")
+    draft_cache_size: int | None = Field(default=None, gt=0, description="KV cache tokens of the draft model "
+                                         "(default: as many as the model's cache).")
+    draft_cache_quant: CacheQuant | None = Field(default=None, description="KV cache precision of the draft model.")
     tp: bool | None = Field(default=None, description="Tensor parallelism across gpus (ExLlamaV2).")
     stream_interval_ms: int | None = Field(default=None, ge=0, le=1000,
                                            description="Streams: text generated within this many ms goes out "
                                            "in one chunk (0: a chunk per token; default: the backend's).")
     model_path: str | None = Field(default=None, description="Resolved model file (set by the loader).")
 
-    @field_validator("cache_quant", mode="before")
+    @field_validator("cache_quant", "draft_cache_quant", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
@@ -86,7 +93,7 @@ class ModelSpec(BaseModel):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("gpus", "aliases", mode="before")
+    @field_validator("gpus", "draft_gpus", "aliases", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return [v for v in value.split(",") if v] if isinstance(value, str) else value
@@ -97,13 +104,40 @@ class ModelSpec(BaseModel):
 
 
 USER_KEYS = [name for name in ModelSpec.model_fields if name != "model_path"]
+DRAFT_MODEL_KEYS = ("draft_gpus", "draft_cache_size", "draft_cache_quant")
+"""Settings of a draft model's weights and cache: they need a draft model to apply to."""
+DRAFT_KEYS = ("draft_model_name", *DRAFT_MODEL_KEYS)
+"""Settings that describe the drafter ``draft_model_id`` selects: they need ``draft_model_id``."""
+
+
+def draft_keys_given(spec: ModelSpec, keys: tuple[str, ...] = DRAFT_KEYS) -> list[str]:
+    """The ``keys`` that ``spec`` sets, in order: a backend refuses those it cannot apply by name."""
+    return [key for key in keys if getattr(spec, key) is not None]
+
+
+def unused_draft_keys(spec: ModelSpec, backend: str, model_free: frozenset[str] = frozenset()) -> str | None:
+    """Why draft settings of ``spec`` would go unused by ``backend`` (a phrase such as "the llama.cpp backend"),
+    or None: any of :data:`DRAFT_KEYS` without ``draft_model_id``, or one of :data:`DRAFT_MODEL_KEYS` with a
+    ``draft_model_id`` in ``model_free`` (drafting that loads no draft model, such as ``prompt_lookup``).
+    Every setting is enforced or refused, so the backend refuses the load with this message."""
+    given = draft_keys_given(spec)
+    if given and not spec.draft_model_id:
+        names = ", ".join(given)
+        return (f"{names} given without draft_model_id: {backend} has no drafter to apply it to; "
+                f"add draft_model_id or remove {names}")
+    given = draft_keys_given(spec, DRAFT_MODEL_KEYS)
+    if given and spec.draft_model_id in model_free:
+        names = ", ".join(given)
+        return (f"{names} given with draft_model_id={spec.draft_model_id}, which loads no draft model: "
+                f"{backend} has no draft model to apply it to; remove {names} or name a draft model")
+    return None
 
 
 def describe_keys() -> str:
     """One line per valid ``-id`` key, with its meaning."""
     lines = []
     for name in USER_KEYS:
-        choices = " (one of FP16, Q8, Q6, Q4)" if name == "cache_quant" else ""
+        choices = " (one of FP16, Q8, Q6, Q4)" if name in ("cache_quant", "draft_cache_quant") else ""
         lines.append(f"  {name}: {ModelSpec.model_fields[name].description}{choices}")
     return "\n".join(lines)
 

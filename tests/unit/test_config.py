@@ -21,8 +21,11 @@ from gallama_kernel.config import (
     ModelSpec,
     Settings,
     build_spec,
+    describe_keys,
+    draft_keys_given,
     load_model_config,
     parse_id_string,
+    unused_draft_keys,
 )
 
 GALLAMA = str(Path(sys.executable).with_name("gallama"))
@@ -177,6 +180,10 @@ def test_build_spec_unknown_key_in_yaml_entry(model_file: Path) -> None:
     ("n_threads", "-1"),
     ("max_concurrent_requests", "1.5"),
     ("cache_size", "big"),
+    ("draft_cache_quant", "Q3"),
+    ("draft_cache_size", "0"),
+    ("draft_cache_size", "-5"),
+    ("draft_gpus", "x"),
 ])
 def test_build_spec_bad_values_name_the_key(config: dict, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -185,6 +192,50 @@ def test_build_spec_bad_values_name_the_key(config: dict, key: str, value: str) 
     assert f"bad value for '{key}" in message
     assert repr(value) in message
     assert_lists_valid_keys(message)
+
+
+def test_draft_keys_are_parsed_like_their_model_counterparts(config: dict) -> None:
+    pairs = parse_id_string("model_id=mymodel draft_model_id=small draft_model_name=tiny draft_gpus=4,2.5 "
+                            "draft_cache_size=8192 draft_cache_quant=q6")
+    spec = build_spec(pairs, config, "test")
+    assert (spec.draft_model_id, spec.draft_model_name, spec.draft_gpus, spec.draft_cache_size,
+            spec.draft_cache_quant) == ("small", "tiny", [4.0, 2.5], 8192, "Q6")
+    assert build_spec({"model_id": "mymodel", "draft_gpus": "3"}, config, "test").draft_gpus == [3.0]
+    entry = {**config["mymodel"], "draft_model_id": "small", "draft_cache_quant": "fp16", "draft_gpus": [1, 2]}
+    spec = build_spec({"model_id": "mymodel"}, {"mymodel": entry}, "test")  # from model_config.yaml
+    assert (spec.draft_cache_quant, spec.draft_gpus) == ("FP16", [1.0, 2.0])
+    plain = build_spec({"model_id": "mymodel"}, config, "test")
+    assert (plain.draft_model_name, plain.draft_gpus, plain.draft_cache_size, plain.draft_cache_quant) == (
+        None, None, None, None)
+
+
+def test_describe_keys_documents_the_draft_keys() -> None:
+    text = describe_keys()
+    for key in ("draft_model_name", "draft_gpus", "draft_cache_size", "draft_cache_quant"):
+        assert f"\n  {key}: " in text
+    assert "draft_cache_quant: KV cache precision of the draft model. (one of FP16, Q8, Q6, Q4)" in text
+
+
+def test_unused_draft_keys_name_the_key_and_the_backend() -> None:
+    lookup = frozenset({"prompt_lookup"})
+    assert draft_keys_given(ModelSpec(model_id="m")) == []
+    assert unused_draft_keys(ModelSpec(model_id="m"), "the x backend", lookup) is None
+    for key, value in (("draft_model_name", "tiny"), ("draft_gpus", "4"), ("draft_cache_size", 512),
+                       ("draft_cache_quant", "Q8")):
+        alone = ModelSpec(model_id="m", **{key: value})
+        assert draft_keys_given(alone) == [key]
+        message = unused_draft_keys(alone, "the x backend", lookup)
+        assert message is not None and message.startswith(f"{key} given without draft_model_id: the x backend")
+        assert unused_draft_keys(alone.model_copy(update={"draft_model_id": "small"}), "the x backend", lookup) is None
+    with_lookup = ModelSpec(model_id="m", draft_model_id="prompt_lookup", draft_model_name="ngrams",
+                            draft_cache_size=512, draft_cache_quant="Q8")
+    message = unused_draft_keys(with_lookup, "the x backend", lookup)
+    assert message is not None
+    assert message.startswith("draft_cache_size, draft_cache_quant given with draft_model_id=prompt_lookup")
+    assert "the x backend" in message and "draft_model_name" not in message  # a label applies to any drafter
+    assert unused_draft_keys(with_lookup, "the x backend") is None  # without model_free every id names a model
+    assert unused_draft_keys(ModelSpec(model_id="m", draft_model_id="prompt_lookup", draft_model_name="ngrams"),
+                             "the x backend", lookup) is None
 
 
 def test_build_spec_unknown_model_lists_the_entries(config: dict) -> None:

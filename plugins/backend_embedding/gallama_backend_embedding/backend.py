@@ -30,6 +30,7 @@ from gallama_kernel.backend import (
     GenerationRequest,
     ProgressCallback,
 )
+from gallama_kernel.config import DRAFT_KEYS, draft_keys_given
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -100,6 +101,10 @@ class EmbeddingBackend(Backend):
         spec = self.spec
         if spec.gpus:
             raise BackendError(f"model '{spec.name}': the embedding backend runs on the CPU; remove 'gpus'")
+        drafting = draft_keys_given(spec, ("draft_model_id", *DRAFT_KEYS))
+        if drafting:  # nothing here would read them: refused rather than ignored
+            raise BackendError(f"model '{spec.name}': the embedding backend has no speculative decoding; remove "
+                               f"{', '.join(repr(key) for key in drafting)}")
         folder = Path(spec.model_path or spec.model_id).expanduser()
         if not folder.is_dir():
             raise BackendError(f"model '{spec.name}': {folder} is not a folder; the embedding backend loads a "

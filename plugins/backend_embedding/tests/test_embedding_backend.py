@@ -170,6 +170,10 @@ def test_the_engine_follows_the_event_loop_and_close_stops_its_threads() -> None
 @pytest.mark.parametrize(("values", "message"), [
     ({"gpus": "8"}, "runs on the CPU"),
     ({"max_seq_len": 4096}, "exceeds the model's limit of 512"),
+    ({"draft_model_id": "prompt_lookup"}, "the embedding backend has no speculative decoding; remove 'draft_model_id'"),
+    ({"draft_model_id": "smollm2", "draft_gpus": "4", "draft_cache_size": 512},
+     "no speculative decoding; remove 'draft_model_id', 'draft_gpus', 'draft_cache_size'$"),
+    ({"draft_model_name": "x", "draft_cache_quant": "q8"}, "remove 'draft_model_name', 'draft_cache_quant'$"),
 ])
 def test_load_errors_name_the_problem(values: dict[str, object], message: str) -> None:
     with pytest.raises(BackendError, match=message):

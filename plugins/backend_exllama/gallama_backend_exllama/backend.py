@@ -5,8 +5,11 @@ Keys of ``-id``: ``max_seq_len`` (default the model's, at most 32768), ``cache_s
 paged cache, default one full-length request), ``cache_quant`` (FP16, Q8, Q6, Q4), ``gpus`` (GB of weights per
 GPU; default: split automatically), ``tp=true`` (tensor parallelism over the GPUs), ``max_concurrent_requests``
 (default 8), ``draft_model_id`` (a smaller ExLlamaV2 model with the same vocabulary, or ``prompt_lookup`` for
-exllamav2's n-gram drafts). Grammars (tools, ``response_format``, regexes) are enforced with llguidance on the
-model's own ``tokenizer.json``; a model whose tokenizer llguidance cannot read refuses them with a 400.
+exllamav2's n-gram drafts), and for a draft model ``draft_gpus`` (its GPU split; default ``gpus``),
+``draft_cache_quant`` (default FP16), ``draft_cache_size`` (only the cache's own size: see
+:func:`.settings.plan_load`) and ``draft_model_name`` (its label in health and logs). Grammars (tools,
+``response_format``, regexes) are enforced with llguidance on the model's own ``tokenizer.json``; a model whose
+tokenizer llguidance cannot read refuses them with a 400.
 
 Importing exllamav2 needs CUDA; this module imports it only in :meth:`ExLlamaBackend.load`, so the plugin
 installs and registers anywhere and a machine without a GPU gets a clear load error.
@@ -114,6 +117,8 @@ class ExLlamaBackend(Backend):
         draft_model = draft_cache = None
         if plan.draft_path:
             draft_model, draft_cache, _ = self._load_model(exl, Path(plan.draft_path), plan, None, draft=True)
+            log.info("draft model %s: %s, %s of %d tokens", plan.draft_name, plan.draft_path, plan.draft_cache_class,
+                     plan.cache_tokens)
         self._pieces = tokenizer.get_id_to_piece_list(False)
         files = TokenizerFiles(folder)
         self.end_ids = files.end_token_ids(tokenizer.eos_token_id)
@@ -147,7 +152,8 @@ class ExLlamaBackend(Backend):
         config.max_seq_len = plan.max_seq_len
         model = exl.ExLlamaV2(config)
         self._objects[prefix + "model"] = model
-        cache_class = getattr(exl, "ExLlamaV2Cache" if draft else plan.cache_class)
+        cache_class = getattr(exl, plan.draft_cache_class if draft else plan.cache_class)
+        gpu_split = plan.draft_gpu_split if draft else plan.gpu_split
 
         def callback(done: int, total: int) -> None:
             if progress is not None and total:
@@ -158,8 +164,8 @@ class ExLlamaBackend(Backend):
                 model.load_tp(gpu_split=plan.gpu_split, expect_cache_tokens=plan.cache_tokens,
                               expect_cache_base=cache_class, callback=callback)
                 cache = exl.ExLlamaV2Cache_TP(model, base=cache_class, max_seq_len=plan.cache_tokens)
-            elif plan.gpu_split:
-                model.load(gpu_split=plan.gpu_split, callback=callback)
+            elif gpu_split:
+                model.load(gpu_split=gpu_split, callback=callback)
                 cache = cache_class(model, max_seq_len=plan.cache_tokens)
             else:
                 cache = cache_class(model, max_seq_len=plan.cache_tokens, lazy=True)
@@ -263,9 +269,11 @@ class ExLlamaBackend(Backend):
     def health(self) -> dict[str, object]:
         if self.loop is None or self.plan is None:
             return {"status": "loading"}
-        return {"status": "ok" if self.loop.thread.is_alive() else "failed", "slots": self.plan.max_batch_size,
-                "context_length": self.plan.max_seq_len, "cache_tokens": self.plan.cache_tokens,
-                **self.loop.stats()}
+        plan = self.plan
+        drafting = plan.draft_path or plan.ngram_draft
+        return {"status": "ok" if self.loop.thread.is_alive() else "failed", "slots": plan.max_batch_size,
+                "context_length": plan.max_seq_len, "cache_tokens": plan.cache_tokens,
+                **({"draft_model": plan.draft_name} if drafting else {}), **self.loop.stats()}
 
     def close(self) -> None:
         if self.loop is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gallama_kernel.backend import BackendError, SamplingParams
-from gallama_kernel.config import ModelSpec
+from gallama_kernel.config import ModelSpec, unused_draft_keys
 
 PAGE_TOKENS = 256  # the dynamic generator's cache page: its cache size must be a multiple of it
 MAX_DEFAULT_CONCURRENCY = 8
@@ -42,6 +42,9 @@ class LoadPlan:
     tensor_parallel: bool
     draft_path: str | None  # an ExLlamaV2 model folder
     ngram_draft: bool
+    draft_name: str | None = None  # the drafter's label in health and logs
+    draft_gpu_split: list[float] | None = None  # GB per GPU for the draft weights; None: autosplit
+    draft_cache_class: str = "ExLlamaV2Cache"  # exllamav2 class name of the draft cache
 
 
 def read_json(folder: Path, name: str) -> dict[str, Any]:
@@ -93,6 +96,12 @@ def plan_load(spec: ModelSpec, n_ctx_train: int, draft_path: str | None = None) 
     pages of it as they run and wait in the queue while it is full, so ``cache_size`` (default: one full-length
     request) may be smaller than ``max_concurrent_requests x max_seq_len``, but never smaller than one request.
     It is rounded up to the generator's page of 256 tokens.
+
+    A draft model takes ``draft_gpus`` (its GPU split; default ``gpus``), ``draft_cache_quant`` (its cache class;
+    default FP16) and ``draft_cache_size``, which can only repeat the cache's size: exllamav2's dynamic generator
+    requires the draft cache to have the same dimensions as the model's (both page the same sequences). Drafting
+    keys that would go unused (without ``draft_model_id``, or cache and GPU keys with ``prompt_lookup``) are
+    refused.
     """
     if spec.max_seq_len and spec.max_seq_len > n_ctx_train:
         raise BackendError(f"max_seq_len={spec.max_seq_len} exceeds the model's context {n_ctx_train}")
@@ -103,7 +112,7 @@ def plan_load(spec: ModelSpec, n_ctx_train: int, draft_path: str | None = None) 
     if cache_tokens < seq_len:
         raise BackendError(f"cache_size={cache_tokens} cannot hold one request of max_seq_len={seq_len} tokens; "
                            f"raise cache_size to {seq_len} or lower max_seq_len")
-    cache_tokens = math.ceil(cache_tokens / PAGE_TOKENS) * PAGE_TOKENS
+    cache_tokens = pages(cache_tokens)
     quant = spec.cache_quant or "FP16"
     if quant not in CACHE_CLASSES:
         raise BackendError(f"cache_quant={quant} is not available in ExLlamaV2; use one of {', '.join(CACHE_CLASSES)}")
@@ -118,10 +127,33 @@ def plan_load(spec: ModelSpec, n_ctx_train: int, draft_path: str | None = None) 
         raise BackendError(f"draft_model_id={spec.draft_model_id}: no ExLlamaV2 model folder found")
     if tp and spec.draft_model_id:
         raise BackendError("tp=true with a draft model is not supported by the exllama backend; drop one of them")
+    problem = unused_draft_keys(spec, "the exllama backend", frozenset({PROMPT_LOOKUP}))
+    if problem:
+        raise BackendError(problem)
+    draft_quant = spec.draft_cache_quant or "FP16"
+    if draft_quant not in CACHE_CLASSES:
+        raise BackendError(f"draft_cache_quant={draft_quant} is not available in ExLlamaV2; use one of "
+                           f"{', '.join(CACHE_CLASSES)}")
+    draft_gpus = list(spec.draft_gpus) if spec.draft_gpus else gpus
+    if spec.draft_gpus and any(gb <= 0 for gb in spec.draft_gpus):
+        raise BackendError(f"draft_gpus={','.join(str(g) for g in spec.draft_gpus)}: every GPU needs a positive "
+                           "number of GB")
+    # Equal page counts give equal caches whatever the classes: a Q cache's quantization block divides a page.
+    if spec.draft_cache_size and pages(spec.draft_cache_size) != cache_tokens:
+        raise BackendError(f"draft_cache_size={spec.draft_cache_size}: exllamav2's dynamic generator needs the draft "
+                           f"cache the size of the model's cache ({cache_tokens} tokens, in pages of {PAGE_TOKENS}); "
+                           f"set draft_cache_size to {cache_tokens} or omit it")
     return LoadPlan(max_seq_len=seq_len, cache_tokens=cache_tokens,
                     max_batch_size=spec.max_concurrent_requests or MAX_DEFAULT_CONCURRENCY,
                     cache_class=CACHE_CLASSES[quant], gpu_split=gpus, tensor_parallel=tp,
-                    draft_path=None if ngram else draft_path, ngram_draft=ngram)
+                    draft_path=None if ngram else draft_path, ngram_draft=ngram,
+                    draft_name=spec.draft_model_name or spec.draft_model_id,
+                    draft_gpu_split=draft_gpus, draft_cache_class=CACHE_CLASSES[draft_quant])
+
+
+def pages(tokens: int) -> int:
+    """``tokens`` rounded up to whole cache pages of :data:`PAGE_TOKENS`."""
+    return math.ceil(tokens / PAGE_TOKENS) * PAGE_TOKENS
 
 
 def sampler_fields(params: SamplingParams) -> dict[str, Any]:

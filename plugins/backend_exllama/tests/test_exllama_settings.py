@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from exllama_folder import END, END_ID, N_VOCAB, make_tiny_llama
 
+from gallama_backend_exllama.backend import ExLlamaBackend
 from gallama_backend_exllama.settings import (
     TokenizerFiles,
     model_folder,
@@ -82,6 +85,99 @@ def test_gpus_tp_draft_and_refusals():
         plan_load(spec(draft_model_id="small"), 4096)
     with pytest.raises(BackendError, match="tp=true with a draft model"):
         plan_load(spec(draft_model_id="prompt_lookup", tp="true"), 4096)
+
+
+def test_draft_keys_in_the_plan():
+    plan = plan_load(spec(draft_model_id="small", draft_model_name="tiny", draft_gpus="4,2.5", draft_cache_quant="q4",
+                          draft_cache_size=4096), 4096, draft_path="/m/small")
+    assert (plan.draft_name, plan.draft_gpu_split, plan.draft_cache_class) == ("tiny", [4.0, 2.5], "ExLlamaV2Cache_Q4")
+    assert plan.cache_class == "ExLlamaV2Cache" and plan.gpu_split is None  # the model's own are untouched
+    default = plan_load(spec(draft_model_id="small", gpus="20,24", cache_quant="Q8"), 4096, draft_path="/m/small")
+    assert (default.draft_name, default.draft_gpu_split, default.draft_cache_class) == (
+        "small", [20.0, 24.0], "ExLlamaV2Cache")
+    assert plan_load(spec(draft_model_id="small", draft_cache_quant="Q6"), 4096,
+                     draft_path="/m/small").draft_cache_class == "ExLlamaV2Cache_Q6"
+    for size in (1000, 1024):  # the same pages as cache_size=1000: the generator sees equal caches
+        assert plan_load(spec(draft_model_id="small", cache_size=1000, draft_cache_size=size), 4096,
+                         draft_path="/m/small").cache_tokens == 1024
+    ngram = plan_load(spec(draft_model_id="prompt_lookup", draft_model_name="ngrams"), 4096)
+    assert ngram.ngram_draft and ngram.draft_name == "ngrams"
+    assert plan_load(spec(), 4096).draft_name is None
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"cache_size": 1000, "draft_cache_size": 2048},
+     r"draft_cache_size=2048: exllamav2's dynamic generator needs the draft cache the size of the model's cache "
+     r"\(1024 tokens"),
+    ({"draft_cache_size": 512}, r"the size of the model's cache \(4096 tokens.*set draft_cache_size to 4096"),
+    ({"draft_gpus": "0,2"}, "draft_gpus=0.0,2.0: every GPU needs a positive number of GB"),
+    ({"draft_model_id": None, "draft_model_name": "tiny"},
+     "draft_model_name given without draft_model_id: the exllama backend"),
+    ({"draft_model_id": None, "draft_cache_quant": "Q4"}, "draft_cache_quant given without draft_model_id"),
+    ({"draft_model_id": "prompt_lookup", "draft_cache_size": 4096},
+     "draft_cache_size given with draft_model_id=prompt_lookup, which loads no draft model: the exllama backend"),
+    ({"draft_model_id": "prompt_lookup", "draft_gpus": "4"}, "draft_gpus given with draft_model_id=prompt_lookup"),
+    ({"draft_model_id": "prompt_lookup", "draft_cache_quant": "Q8"},
+     "draft_cache_quant given with draft_model_id=prompt_lookup"),
+])
+def test_draft_keys_it_cannot_apply_are_refused(keys, message):
+    keys = {"draft_model_id": "small", **keys}
+    with pytest.raises(BackendError, match=message):
+        plan_load(spec(**keys), 4096, draft_path=None if keys["draft_model_id"] in (None, "prompt_lookup")
+                  else "/m/small")
+
+
+class FakeExLlama:
+    """The parts of exllamav2 that ``ExLlamaBackend._load_model`` calls, recording how each model and cache is
+    made."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, dict]] = []
+        made = self.made
+
+        class Config:
+            def __init__(self, path: str) -> None:
+                self.path = path
+
+            def arch_compat_overrides(self, quiet: bool) -> None:
+                pass
+
+        class Model:
+            def __init__(self, config: Config) -> None:
+                self.config = config
+
+            def load(self, gpu_split, callback) -> None:
+                made.append(("load", {"folder": self.config.path, "gpu_split": gpu_split}))
+
+            def load_autosplit(self, cache, callback) -> None:
+                made.append(("load_autosplit", {"folder": self.config.path}))
+
+        def cache(name: str) -> type:
+            def init(self, model, max_seq_len: int, lazy: bool = False) -> None:
+                made.append((name, {"folder": model.config.path, "max_seq_len": max_seq_len}))
+            return type(name, (), {"__init__": init})
+
+        self.exl = SimpleNamespace(ExLlamaV2Config=Config, ExLlamaV2=Model, ExLlamaV2Tokenizer=lambda config: None,
+                                   **{name: cache(name) for name in ("ExLlamaV2Cache", "ExLlamaV2Cache_Q8",
+                                                                     "ExLlamaV2Cache_Q6", "ExLlamaV2Cache_Q4")})
+
+
+def test_the_draft_model_is_loaded_as_the_plan_says():
+    plan = plan_load(spec(draft_model_id="small", gpus="20", cache_quant="Q8", draft_gpus="3",
+                          draft_cache_quant="Q4"), 4096, draft_path="/m/small")
+    fake = FakeExLlama()
+    backend = ExLlamaBackend(spec())
+    backend._load_model(fake.exl, Path("/m/main"), plan, None)
+    backend._load_model(fake.exl, Path("/m/small"), plan, None, draft=True)
+    assert fake.made == [("load", {"folder": "/m/main", "gpu_split": [20.0]}),
+                         ("ExLlamaV2Cache_Q8", {"folder": "/m/main", "max_seq_len": 4096}),
+                         ("load", {"folder": "/m/small", "gpu_split": [3.0]}),
+                         ("ExLlamaV2Cache_Q4", {"folder": "/m/small", "max_seq_len": 4096})]
+    autosplit = FakeExLlama()
+    backend._load_model(autosplit.exl, Path("/m/small"), plan_load(spec(draft_model_id="small"), 4096,
+                                                                   draft_path="/m/small"), None, draft=True)
+    assert autosplit.made == [("ExLlamaV2Cache", {"folder": "/m/small", "max_seq_len": 4096}),
+                              ("load_autosplit", {"folder": "/m/small"})]
 
 
 def test_sampler_fields_are_openai_defaults_not_exllamav2s():

@@ -10,6 +10,12 @@ JSON or code with a change; 62% of drafts accepted) but 0.96x on free text (33% 
 large as the target 0.71x / 0.52x (every greedy draft accepted: drafting K tokens costs K draft decodes). Hence
 neither is on by default: ``prompt_lookup`` is worth it for agents that echo their input, a draft model only
 when it is much smaller than the model.
+
+A draft model takes ``draft_model_name`` (its label in health and logs), ``draft_gpus`` (as ``gpus``: the whole
+draft model on the GPU; refused by a build without GPU support; default: the model's placement),
+``draft_cache_quant`` (its K/V cache type; default the model's) and ``draft_cache_size`` (its KV cells; at least
+what every slot holds, since it feeds each slot's whole context; default exactly that). With ``prompt_lookup``
+only ``draft_model_name`` applies; without ``draft_model_id`` none does: the others are refused at load.
 """
 
 from __future__ import annotations
@@ -31,12 +37,12 @@ from gallama_kernel.backend import (
     ProgressCallback,
     ThreadJobs,
 )
-from gallama_kernel.config import ModelSpec
+from gallama_kernel.config import ModelSpec, unused_draft_keys
 
 from .engine import Engine, EngineConfig, Job
 from .grammar import GrammarEngine
 from .model import LlamaModel
-from .speculative import Drafter, load_drafter
+from .speculative import PROMPT_LOOKUP, Drafter, DraftSettings, load_drafter
 
 if TYPE_CHECKING:
     from gallama_kernel.grammar import Grammar
@@ -102,6 +108,42 @@ def flash_attention(quant: str, gpu_layers: int, speculative: bool = False) -> b
     return None
 
 
+def gpu_layers_for(key: str, gpus: list[float] | None) -> int:
+    """Layers to offload for ``gpus`` (given as ``key``): all of them when it is set (llama.cpp places them
+    across the GPUs itself), none otherwise; :class:`BackendError` on a build without GPU support."""
+    if not gpus:
+        return 0
+    if not ll.llama_supports_gpu_offload():
+        raise BackendError(f"{key}= was given but this llama.cpp build has no GPU support; omit {key} to run on "
+                           "the CPU")
+    return -1
+
+
+def draft_settings(spec: ModelSpec, gpu_layers: int) -> DraftSettings:
+    """The draft model's :class:`DraftSettings` from the ``draft_*`` keys (``gpu_layers``: the model's); refuses
+    those the llama.cpp backend could not apply (see the module docstring) with :class:`BackendError`."""
+    problem = unused_draft_keys(spec, "the llama.cpp backend", frozenset({PROMPT_LOOKUP}))
+    if problem:
+        raise BackendError(problem)
+    quant = spec.draft_cache_quant
+    if quant and quant not in CACHE_TYPES:
+        raise BackendError(f"draft_cache_quant={quant} is not available in llama.cpp; use one of "
+                           f"{', '.join(CACHE_TYPES)}")
+    draft_layers = gpu_layers_for("draft_gpus", spec.draft_gpus) if spec.draft_gpus else gpu_layers
+    return DraftSettings(name=spec.draft_model_name, n_gpu_layers=draft_layers,
+                         n_ctx=spec.draft_cache_size, cache_type=CACHE_TYPES[quant] if quant else None,
+                         flash_attention=True if quant and quant != "FP16" else None)
+
+
+def check_draft_cache(n_ctx: int | None, slots: int, seq_len: int) -> None:
+    """Refuse a ``draft_cache_size`` below ``slots x seq_len``: the draft model feeds every slot's whole context,
+    so a smaller draft cache would fail once a slot outgrows its share of it."""
+    if n_ctx is not None and n_ctx < slots * seq_len:
+        raise BackendError(f"draft_cache_size={n_ctx} cannot hold the {slots} slots of {seq_len} tokens the model's "
+                           f"cache holds ({slots * seq_len}): the llama.cpp backend's draft model feeds every "
+                           f"slot's whole context; raise draft_cache_size to {slots * seq_len} or omit it")
+
+
 def kv_bytes_per_token(model: LlamaModel, quant: str) -> float:
     """KV cache bytes one token takes: K and V for every layer and KV head."""
     ptr = model.ptr
@@ -131,12 +173,8 @@ class LlamaCppBackend(Backend):
         if quant not in CACHE_TYPES:
             raise BackendError(f"cache_quant={quant} is not available in llama.cpp; use one of "
                                f"{', '.join(CACHE_TYPES)}")
-        gpu_layers = 0
-        if spec.gpus:
-            if not ll.llama_supports_gpu_offload():
-                raise BackendError("gpus= was given but this llama.cpp build has no GPU support; "
-                                   "omit gpus to run on the CPU")
-            gpu_layers = -1
+        gpu_layers = gpu_layers_for("gpus", spec.gpus)
+        draft = draft_settings(spec, gpu_layers)
         # A stream's text generated within 20 ms goes out in one chunk on the CPU: every chunk wakes the event
         # loop, the gateway and the client, whose CPU time on a small machine is taken from the compute threads
         # (SmolLM2 on 2 cores, 128-token streams, interleaved: 145.5 vs 139.1 tok/s per token, 43 chunks vs 128).
@@ -147,18 +185,19 @@ class LlamaCppBackend(Backend):
             self.stream_interval_s = 0.0 if gpu_layers else CPU_STREAM_INTERVAL_S
         self.model = LlamaModel(spec.model_path, progress, n_gpu_layers=gpu_layers)
         try:
-            self._start(spec, quant, gpu_layers)
+            self._start(spec, quant, gpu_layers, draft)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, spec: ModelSpec, quant: str, gpu_layers: int) -> None:
+    def _start(self, spec: ModelSpec, quant: str, gpu_layers: int, draft: DraftSettings) -> None:
         """Everything after the model file: the cache plan, the drafter, the engine."""
         assert self.model is not None
         slots, seq_len = plan_cache(spec, self.model.n_ctx_train, kv_bytes_per_token(self.model, quant))
         drafter: Drafter | None = None
         if spec.draft_model_id:
-            drafter = load_drafter(spec.draft_model_id, self.model, n_gpu_layers=gpu_layers)
+            check_draft_cache(draft.n_ctx, slots, seq_len)
+            drafter = load_drafter(spec.draft_model_id, self.model, draft)
         self.grammars = GrammarEngine(self.model)  # llguidance's tokenizer: once per model (~0.2 s at 49k tokens)
         config = EngineConfig(n_slots=slots, n_ctx_per_slot=seq_len, n_threads=spec.n_threads or usable_cores(),
                               n_threads_batch=usable_cores(),
@@ -236,7 +275,9 @@ class LlamaCppBackend(Backend):
         if self.engine is None:
             return {"status": "loading"}
         alive = self.engine.thread.is_alive()
-        return {"status": "ok" if alive else "failed", **self.engine.stats()}
+        drafter = self.engine.drafter
+        named = {"draft_model": drafter.name} if drafter is not None else {}
+        return {"status": "ok" if alive else "failed", **self.engine.stats(), **named}
 
     def close(self) -> None:
         if self.engine is not None:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +37,8 @@ from gallama_kernel.config import ConfigError, resolve_named_model
 
 from .model import LlamaModel, common_prefix
 
+log = logging.getLogger("gallama.llama_cpp")
+
 PROMPT_LOOKUP = "prompt_lookup"
 """The ``draft_model_id`` value that selects prompt-lookup decoding instead of a draft model."""
 
@@ -44,6 +48,25 @@ VOCAB_SAMPLES = 16  # token texts compared between a target and its draft, besid
 
 DraftRequest = tuple[int, list[int], int]
 """(sequence id, the slot's context: prompt and generated tokens, most draft tokens wanted)."""
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """How a draft model is loaded and where its context differs from the engine's (None: as the engine's).
+
+    :param name: the label health and logs show (``draft_model_name``)
+    :param n_gpu_layers: layers of the draft model on the GPU
+    :param n_ctx: KV cells of the draft context (``draft_cache_size``); the backend checks that it holds every
+        slot's tokens, since the draft model feeds each slot's whole context
+    :param cache_type: ggml type of the draft context's K and V cache (``draft_cache_quant``)
+    :param flash_attention: forced on for a quantized V cache, which llama.cpp computes only with it
+    """
+
+    name: str | None = None
+    n_gpu_layers: int = 0
+    n_ctx: int | None = None
+    cache_type: int | None = None
+    flash_attention: bool | None = None
 
 
 class Drafter(abc.ABC):
@@ -172,22 +195,34 @@ class DraftModel(Drafter):
     """A small model with the target's vocabulary, proposing its greedy continuation.
 
     It owns its own llama.cpp context (one sequence per slot, the engine's context parameters: as many KV cells
-    as the model's, each of the draft's size) and remembers which tokens each sequence's KV holds: a new context
-    only costs the tokens after the common prefix (after accepted drafts, usually one or two; a new request's
-    prompt, fed in chunks of ``n_batch`` tokens over successive steps so that other streams do not stall).
-    The ``.gguf`` file is also loaded with the model's GPU setting.
+    as the model's, each of the draft's size, unless ``settings`` give another cell count, cache type or flash
+    attention) and remembers which tokens each sequence's KV holds: a new context only costs the tokens after the
+    common prefix (after accepted drafts, usually one or two; a new request's prompt, fed in chunks of
+    ``n_batch`` tokens over successive steps so that other streams do not stall).
+    The ``.gguf`` file is loaded with the model's GPU setting unless ``draft_gpus`` gave its own.
 
     :param model: the draft model (owned: freed by :meth:`close`)
     """
 
-    def __init__(self, model: LlamaModel, path: str) -> None:
+    def __init__(self, model: LlamaModel, path: str, settings: DraftSettings | None = None) -> None:
         self.model = model
-        self.name = f"draft:{path}"
+        self.settings = settings or DraftSettings()
+        self.name = self.settings.name or f"draft:{path}"
         self.ctx: ll.llama_context_p | None = None
         self.kv: list[list[int]] = []
         self.n_batch = 0
+        self.n_ctx = 0  # KV cells of the draft context, once open
 
     def open(self, params: ll.llama_context_params, n_slots: int) -> None:
+        params = type(params).from_buffer_copy(params)  # the engine's stay as they are
+        settings = self.settings
+        if settings.n_ctx is not None:
+            params.n_ctx = settings.n_ctx
+        if settings.cache_type is not None:
+            params.type_k = params.type_v = settings.cache_type
+        if settings.flash_attention is not None:
+            params.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attention
+                                      else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = ll.llama_init_from_model(self.model.ptr, params)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create the draft model's context (cache too large for memory?)")
@@ -196,6 +231,8 @@ class DraftModel(Drafter):
         self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self.kv = [[] for _ in range(n_slots)]
         self._row = ctypes.c_float * self.model.n_vocab
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        log.info("draft model %s: %d KV cells for %d slots", self.name, self.n_ctx, n_slots)
 
     def propose(self, requests: Sequence[DraftRequest]) -> dict[int, list[int]]:
         feeds: dict[int, list[int]] = {}
@@ -274,16 +311,20 @@ class DraftModel(Drafter):
         self.model.close()
 
 
-def load_drafter(draft_model_id: str, target: LlamaModel, n_gpu_layers: int = 0) -> Drafter:
+def load_drafter(draft_model_id: str, target: LlamaModel, settings: DraftSettings | None = None) -> Drafter:
     """The drafter ``draft_model_id`` selects (see the module docstring); :class:`BackendError` if it cannot
-    be used with ``target``."""
+    be used with ``target``. A prompt-lookup drafter takes only ``settings.name``: the backend refuses the
+    other ``draft_*`` keys with it."""
+    settings = settings or DraftSettings()
     if draft_model_id == PROMPT_LOOKUP:
-        return PromptLookup()
+        lookup = PromptLookup()
+        lookup.name = settings.name or PROMPT_LOOKUP
+        return lookup
     path = resolve_draft_path(draft_model_id)
-    model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
+    model = LlamaModel(path, n_gpu_layers=settings.n_gpu_layers)
     try:
         check_same_vocabulary(target, model, path)
     except BackendError:
         model.close()
         raise
-    return DraftModel(model, path)
+    return DraftModel(model, path, settings)

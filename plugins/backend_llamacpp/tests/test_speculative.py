@@ -20,15 +20,17 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp as ll
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from test_grammar_engine import bounded_json_object  # the same grammar, same sizes
 
-from gallama_backend_llamacpp.backend import LlamaCppBackend
+from gallama_backend_llamacpp.backend import LlamaCppBackend, draft_settings
 from gallama_backend_llamacpp.model import common_prefix
 from gallama_backend_llamacpp.speculative import (
     PROMPT_LOOKUP,
+    DraftSettings,
     NgramIndex,
     PromptLookup,
     check_same_vocabulary,
@@ -59,9 +61,9 @@ LONG = chat("Summarise this text.\n" + "The quick brown fox jumps over the lazy 
 JSON_OBJECT = bounded_json_object()
 
 
-def load(draft_model_id: str, slots: int = 4) -> LlamaCppBackend:
+def load(draft_model_id: str | None, slots: int = 4, **keys: object) -> LlamaCppBackend:
     spec = ModelSpec(model_id=str(GGUF), model_path=str(GGUF), max_concurrent_requests=slots, max_seq_len=1024,
-                     draft_model_id=draft_model_id)
+                     draft_model_id=draft_model_id, **keys)
     backend = LlamaCppBackend(spec)
     backend.load()
     return backend
@@ -121,6 +123,14 @@ def generate(backend: LlamaCppBackend, prompt: str, fresh: bool = True, **kwargs
 def draft_counts(backend: LlamaCppBackend) -> tuple[int, int]:
     stats = backend.health()
     return stats["draft_proposed"], stats["draft_accepted"]
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    """A draft model with every ``draft_*`` key: a label, a Q8 K/V cache, 4608 cells (the slots need 4096)."""
+    backend = load(str(GGUF), draft_model_name="smol-draft", draft_cache_quant="q8", draft_cache_size=4608)
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(params=["lookup", "drafted"])
@@ -270,6 +280,75 @@ def test_capabilities_and_stats(lookup, reference):
     assert stats["draft_proposed"] >= stats["draft_accepted"] >= 0
     plain = reference.health()
     assert plain["draft_proposed"] == plain["draft_accepted"] == 0
+
+
+# -- draft_* keys ------------------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(backend: LlamaCppBackend) -> float:
+    """Bytes of draft-context state per token of the sequence the draft model fed last (its K/V cells)."""
+    drafter = backend.engine.drafter
+    seq_id = max(range(len(drafter.kv)), key=lambda i: len(drafter.kv[i]))
+    return ll.llama_state_seq_get_size(drafter.ctx, seq_id) / len(drafter.kv[seq_id])
+
+
+def test_draft_keys_reach_the_draft_context(reference, drafted, tuned):
+    assert tuned.health()["draft_model"] == "smol-draft"
+    assert drafted.health()["draft_model"] == f"draft:{GGUF}"
+    assert ll.llama_n_ctx(drafted.engine.drafter.ctx) == 4 * 1024  # default: the cells the slots hold
+    assert ll.llama_n_ctx(tuned.engine.drafter.ctx) >= 4608  # llama.cpp pads each sequence to 256 cells
+    expected = generate(reference, STORY)
+    assert generate(drafted, STORY) == expected
+    proposed, _ = draft_counts(tuned)
+    assert generate(tuned, STORY) == expected  # a quantized draft cache only changes the drafts
+    assert draft_counts(tuned)[0] > proposed
+    assert kv_bytes_per_token(tuned) < 0.6 * kv_bytes_per_token(drafted)  # q8_0: 34 bytes per 32 values, f16: 64
+
+
+def test_prompt_lookup_takes_a_label(lookup):
+    assert lookup.health()["draft_model"] == PROMPT_LOOKUP
+    labelled = load(PROMPT_LOOKUP, slots=1, draft_model_name="ngrams")
+    try:
+        assert labelled.health()["draft_model"] == "ngrams" and labelled.capabilities.speculative
+    finally:
+        labelled.close()
+
+
+def test_draft_settings_follow_the_model_unless_given():
+    spec = ModelSpec(model_id="m", draft_model_id="d")
+    assert draft_settings(spec, -1) == DraftSettings(n_gpu_layers=-1)  # the model's placement and cache
+    assert draft_settings(spec.model_copy(update={"draft_model_name": "x", "draft_cache_size": 9}), 0) == \
+        DraftSettings(name="x", n_ctx=9)
+    for quant, ggml_type, flash in (("FP16", ll.GGML_TYPE_F16, None), ("Q8", ll.GGML_TYPE_Q8_0, True),
+                                    ("Q4", ll.GGML_TYPE_Q4_0, True)):
+        settings = draft_settings(spec.model_copy(update={"draft_cache_quant": quant}), 0)
+        assert (settings.cache_type, settings.flash_attention) == (ggml_type, flash)  # quantized V needs it on
+
+
+NO_GPU = pytest.mark.skipif(ll.llama_supports_gpu_offload(), reason="this llama.cpp build has GPU support")
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"draft_model_name": "x"}, "draft_model_name given without draft_model_id: the llama.cpp backend"),
+    ({"draft_gpus": "4", "draft_cache_size": 4096}, "draft_gpus, draft_cache_size given without draft_model_id"),
+    ({"draft_cache_quant": "Q8"}, "draft_cache_quant given without draft_model_id"),
+    ({"draft_model_id": PROMPT_LOOKUP, "draft_cache_size": 4096},
+     "draft_cache_size given with draft_model_id=prompt_lookup, which loads no draft model: the llama.cpp backend"),
+    ({"draft_model_id": PROMPT_LOOKUP, "draft_gpus": "4"}, "draft_gpus given with draft_model_id=prompt_lookup"),
+    ({"draft_model_id": PROMPT_LOOKUP, "draft_cache_quant": "Q4"},
+     "draft_cache_quant given with draft_model_id=prompt_lookup"),
+    ({"draft_model_id": str(GGUF), "draft_cache_quant": "Q6"}, "draft_cache_quant=Q6 is not available in llama.cpp"),
+    pytest.param({"draft_model_id": str(GGUF), "draft_gpus": "4"},
+                 "draft_gpus= was given but this llama.cpp build has no GPU support", marks=NO_GPU),
+    ({"draft_model_id": str(GGUF), "draft_cache_size": 4095},
+     r"draft_cache_size=4095 cannot hold the 4 slots of 1024 tokens the model's cache holds \(4096\)"),
+])
+def test_draft_keys_it_cannot_apply_are_refused_at_load(keys, message):
+    backend = LlamaCppBackend(ModelSpec(model_id=str(GGUF), model_path=str(GGUF), max_concurrent_requests=4,
+                                        max_seq_len=1024, **keys))
+    with pytest.raises(BackendError, match=message):
+        backend.load()
+    assert backend.model is None and backend.engine is None
 
 
 # -- prompt lookup -----------------------------------------------------------------------------------------------
