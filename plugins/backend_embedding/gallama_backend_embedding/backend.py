@@ -41,6 +41,8 @@ log = logging.getLogger("gallama.embedding")
 
 BATCH_SIZE = 32  # texts per forward pass; infinity-emb fills batches from all waiting requests
 MATRYOSHKA_TAGS = ("matryoshka",)  # a model card tag containing this marks a Matryoshka-trained model
+GENERATION_KEYS = ("cache_size", "cache_quant", "max_concurrent_requests", "tp", "stream_interval_ms")
+"""``-id`` keys of text generation engines: nothing here reads them, so they are refused rather than ignored."""
 
 
 def usable_cores() -> int:
@@ -105,6 +107,10 @@ class EmbeddingBackend(Backend):
         if drafting:  # nothing here would read them: refused rather than ignored
             raise BackendError(f"model '{spec.name}': the embedding backend has no speculative decoding; remove "
                                f"{', '.join(repr(key) for key in drafting)}")
+        unused = [key for key in GENERATION_KEYS if getattr(spec, key) is not None]
+        if unused:
+            raise BackendError(f"model '{spec.name}': the embedding backend has no KV cache, slots or streams; "
+                               f"remove {', '.join(repr(key) for key in unused)}")
         folder = Path(spec.model_path or spec.model_id).expanduser()
         if not folder.is_dir():
             raise BackendError(f"model '{spec.name}': {folder} is not a folder; the embedding backend loads a "

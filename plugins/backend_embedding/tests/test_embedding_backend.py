@@ -174,6 +174,11 @@ def test_the_engine_follows_the_event_loop_and_close_stops_its_threads() -> None
     ({"draft_model_id": "smollm2", "draft_gpus": "4", "draft_cache_size": 512},
      "no speculative decoding; remove 'draft_model_id', 'draft_gpus', 'draft_cache_size'$"),
     ({"draft_model_name": "x", "draft_cache_quant": "q8"}, "remove 'draft_model_name', 'draft_cache_quant'$"),
+    ({"cache_size": 4096, "max_concurrent_requests": 4}, "no KV cache, slots or streams; remove 'cache_size', "
+     "'max_concurrent_requests'$"),
+    ({"cache_quant": "Q8"}, "remove 'cache_quant'$"),
+    ({"tp": True}, "remove 'tp'$"),
+    ({"stream_interval_ms": 0}, "remove 'stream_interval_ms'$"),
 ])
 def test_load_errors_name_the_problem(values: dict[str, object], message: str) -> None:
     with pytest.raises(BackendError, match=message):
