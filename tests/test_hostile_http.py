@@ -190,6 +190,7 @@ def test_shutdown_ends_open_streams_with_an_error_event(tmp_path: Path):
 
     def stream() -> None:
         body = {"model": "smollm2", "stream": True, "max_tokens": 1800, "temperature": 0,
+                "regex_pattern": "(ab ){900}",  # long whatever the model would say: it outlasts the grace period
                 "messages": [{"role": "user", "content": "Count from 1 to 10000, one number per line."}]}
         with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
