@@ -46,13 +46,16 @@ class LlamaModel:
         params.n_gpu_layers = n_gpu_layers
         if progress is not None:
             def report(fraction: float, _data: ctypes.c_void_p) -> bool:
-                progress(fraction)
+                if 0.0 <= fraction <= 1.0:  # once in a full test run the callback saw values such as 7e34
+                    progress(fraction)
                 return True
             self._progress = ll.llama_progress_callback(report)  # kept alive while loading
             params.progress_callback = self._progress
         self.ptr = ll.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise BackendError(f"llama.cpp could not load {path}")
+        if progress is not None:
+            progress(1.0)
         self.vocab = ll.llama_model_get_vocab(self.ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = ll.llama_model_n_ctx_train(self.ptr)
