@@ -44,14 +44,19 @@ class LlamaModel:
         _quiet_native_logs()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        loading = threading.Event()
         if progress is not None:
+            # In full test runs the callback was also seen with values such as 7e34 and called after the load had
+            # returned (cause not found): only fractions in [0, 1] during this load are reported, then 1.0.
             def report(fraction: float, _data: ctypes.c_void_p) -> bool:
-                if 0.0 <= fraction <= 1.0:  # once in a full test run the callback saw values such as 7e34
+                if loading.is_set() and 0.0 <= fraction <= 1.0:
                     progress(fraction)
                 return True
-            self._progress = ll.llama_progress_callback(report)  # kept alive while loading
+            self._progress = ll.llama_progress_callback(report)  # kept alive as long as the model
             params.progress_callback = self._progress
+        loading.set()
         self.ptr = ll.llama_model_load_from_file(path.encode(), params)
+        loading.clear()
         if not self.ptr:
             raise BackendError(f"llama.cpp could not load {path}")
         if progress is not None:
