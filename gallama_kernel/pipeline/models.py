@@ -19,8 +19,7 @@ class ServedModel:
     renderer: PromptRenderer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens,
-                                       self.backend.control_texts)
+        self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens)
 
 
 class ModelRegistry:
