@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import functools
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -74,6 +76,39 @@ class Capabilities:
     batching: bool = False
     speculative: bool = False
     max_concurrency: int = 1
+
+
+PromptSegment = tuple[str, bool]
+"""A piece of a prompt: ``(text, trusted)``. Trusted text (the chat template's own markup) may hold control
+tokens; untrusted text (whatever a client or a tool sent) is never read as control tokens."""
+
+
+class SegmentSplitter:
+    """Cuts a segmented prompt the way a tokenizer with special-token parsing cuts text: at the control-token
+    texts, here only those in trusted segments. The text in between, trusted and untrusted joined, is tokenized
+    as one plain run, so a client's ``<|im_start|>`` is read as the characters it is, like any other text."""
+
+    def __init__(self, control_texts: Iterable[str]) -> None:
+        texts = sorted({t for t in control_texts if t}, key=lambda t: (-len(t), t))
+        self._cut = re.compile("(" + "|".join(re.escape(t) for t in texts) + ")") if texts else None
+
+    def pieces(self, prompt: Sequence[PromptSegment]) -> list[tuple[str, bool]]:
+        """``(text, is_control)`` in order: a trusted control-token text alone, or a plain run of text."""
+        out: list[tuple[str, bool]] = []
+        run: list[str] = []
+        for text, trusted in prompt:
+            parts = self._cut.split(text) if trusted and self._cut is not None else [text]
+            for index, part in enumerate(parts):
+                if index % 2:
+                    if run:
+                        out.append(("".join(run), False))
+                        run = []
+                    out.append((part, True))
+                elif part:
+                    run.append(part)
+        if run:
+            out.append(("".join(run), False))
+        return out
 
 
 ProgressCallback = Callable[[float], None]
@@ -176,6 +211,36 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Tokens of ``text``; special-token text (``<|im_start|>``) is read as the special token."""
+
+    def tokenize_plain(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Tokens of ``text`` read as plain text: special-token text is its characters, never a control token
+        (BOS first as :meth:`tokenize` adds it). Backends that declare :attr:`control_texts` implement it."""
+        raise NotImplementedError(f"The '{self.name}' backend cannot tokenize text without reading special tokens.")
+
+    @property
+    def control_texts(self) -> frozenset[str]:
+        """Texts that :meth:`tokenize` reads as control tokens (``<|im_start|>``…). The kernel keeps them out of
+        client text: with none declared, a backend's prompts are tokenized whole, unprotected."""
+        return frozenset()
+
+    @functools.cached_property
+    def segment_splitter(self) -> SegmentSplitter:
+        """A :class:`SegmentSplitter` for :attr:`control_texts` (read once, after :meth:`load`)."""
+        return SegmentSplitter(self.control_texts)
+
+    def tokenize_prompt(self, prompt: Sequence[PromptSegment], *, add_special: bool = True) -> list[int]:
+        """Tokens of a segmented prompt: the control-token texts of trusted segments are control tokens, every
+        other text is read plain (:meth:`tokenize_plain`), cut as :class:`SegmentSplitter` says. A prompt with
+        only trusted text is :meth:`tokenize` of its text (which a backend may speed up, for example by reusing
+        the tokens of a recent prompt with the same opening)."""
+        if not self.control_texts or all(trusted for _, trusted in prompt):
+            return self.tokenize("".join(text for text, _ in prompt), add_special=add_special)
+        tokens: list[int] = []
+        for index, (text, control) in enumerate(self.segment_splitter.pieces(prompt)):
+            first = add_special and index == 0
+            read = self.tokenize if control else self.tokenize_plain
+            tokens += read(text, add_special=first)
+        return tokens
 
     @abc.abstractmethod
     def detokenize(self, tokens: list[int]) -> str:

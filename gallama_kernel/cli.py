@@ -111,6 +111,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
 
     from .gateway.app import create_gateway
     from .gateway.pool import Pool
+    from .protocol.limits import CLIENT_KEEP_ALIVE_S, MAX_HEADER_BYTES
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
@@ -140,9 +141,20 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     app = create_gateway(pool, settings.home, settings.admin_key, initial=specs, on_ready=ready)
     console.print(f"gateway on {address}; loading {', '.join(s.name for s in specs)}", highlight=False,
                   soft_wrap=True)
+    # h11, not httptools: h11 caps a request head (h11_max_incomplete_event_size; larger: 400 and closed), while
+    # uvicorn's httptools protocol buffers any number of header bytes. Idle keep-alive connections close after
+    # CLIENT_KEEP_ALIVE_S; bodies are bounded in read_json (size, time); on shutdown, open streams get
+    # STREAM_SHUTDOWN_GRACE_S (< timeout_graceful_shutdown), then end with an error event
     config = uvicorn.Config(app, host=bind_host, port=bind_port, log_level="debug" if verbose else "info",
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=CLIENT_KEEP_ALIVE_S, http="h11",
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+    class GatewayServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            app.state.gateway.begin_shutdown()  # streams end with an error event, not a silent cut
+            await super().shutdown(sockets)
+
+    server = GatewayServer(config)
     server.run()
     if not server.started:
         console.print("[red]error:[/red] the gateway did not start (see the messages above)")

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import shlex
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .protocol.limits import BODY_TIMEOUT_S, MAX_BODY_BYTES
 
 CONFIG_FILE = "model_config.yaml"
 DEFAULT_MODEL_NAME = "smollm2"
@@ -44,6 +47,10 @@ class Settings(BaseSettings):
     disable_plugins: str | None = Field(default=None, description="Comma-separated blocklist.")
     admin_key: str | None = Field(default=None, description="Bearer key for /add_model, /remove_model, "
                                   "/list_loaded_models; unset: open.")
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, gt=0, description="Largest request body (bytes); "
+                                "larger: 413.")
+    body_timeout_s: float = Field(default=BODY_TIMEOUT_S, gt=0, description="Seconds a client may take to send "
+                                  "a request body; slower: 408.")
 
     @property
     def home(self) -> Path:
@@ -236,11 +243,72 @@ def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source
         known = ", ".join(sorted(config)) or "none"
         raise ConfigError(f"{source}: unknown model '{model_id}' (entries in {CONFIG_FILE}: {known}; "
                           "or give a path to a model file)")
+    for given in [values.get("model_name"), *_as_list(values.get("aliases"))]:
+        if given is not None:
+            check_served_name(str(given), f"{source}: model name")
     try:
         spec = ModelSpec.model_validate(merged)
     except ValidationError as error:
         raise ConfigError(_format_validation(error, source)) from None
     return spec.model_copy(update={"model_path": resolve_model_path(target)})
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return value.split(",")
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?")
+"""A served model name given at run time (``-id model_name=``, ``/add_model``): a plain name, or two joined by one
+``/`` as Hugging Face ids are (``org/name``); never ``..``, a leading ``/``, whitespace or control characters."""
+
+
+def check_served_name(name: str, what: str = "model name") -> str:
+    """Return ``name`` if it matches :data:`SERVED_NAME`, else raise :class:`ConfigError`."""
+    if not SERVED_NAME.fullmatch(name) or ".." in name:
+        shown = repr(name[:120])
+        raise ConfigError(f"{what} {shown} is refused: use letters, digits, '.', '_', '-' (not starting with '.', "
+                          "no '..'), optionally two such parts joined by one '/' (org/name)")
+    return name
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_model_path(path: str, backend: str) -> None:
+    """Refuse a model path the in-tree ``backend`` cannot load, before a worker starts (the gateway checks ``-id``
+    and ``/add_model`` specs): ``llama_cpp`` needs a regular file (no device, FIFO or socket; opened non-blocking,
+    so a FIFO swapped in cannot hang the check) starting with the GGUF magic; ``exllama`` a folder with
+    config.json and *.safetensors; ``embedding`` a folder with config.json. Other (third-party) backends are not
+    checked here: their ``load`` says what it cannot read. :class:`ConfigError` names the problem."""
+    target = Path(path)
+    if backend == "llama_cpp":
+        try:
+            if not stat.S_ISREG(os.stat(target).st_mode):  # before open: opening a device can have effects
+                raise ConfigError(f"model path {path} is not a regular file: the llama_cpp backend loads a .gguf "
+                                  "file")
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as error:
+            raise ConfigError(f"model path {path} cannot be opened: {error.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"model path {path} is not a regular file: the llama_cpp backend loads a .gguf "
+                                  "file")
+            if os.read(fd, len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise ConfigError(f"model path {path} is not a GGUF file (it does not start with the GGUF magic)")
+        except OSError as error:
+            raise ConfigError(f"model path {path} cannot be read: {error.strerror}") from None
+        finally:
+            os.close(fd)
+    elif backend in ("exllama", "embedding"):
+        if not target.is_dir():
+            raise ConfigError(f"model path {path} is not a folder: the {backend} backend loads a model folder")
+        needed = ["config.json", "*.safetensors"] if backend == "exllama" else ["config.json"]
+        missing = [pattern for pattern in needed if not any(target.glob(pattern))]
+        if missing:
+            raise ConfigError(f"model path {path} lacks {', '.join(missing)}: not a model folder for the {backend} "
+                              "backend")
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -32,7 +33,9 @@ def routing_message(request: Request, error: HTTPException) -> tuple[str, str | 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+        # 408/413 are answered before the body was read to its end: the connection cannot carry another request
+        headers = {"connection": "close"} if error.status in (408, 413) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -49,7 +52,14 @@ def install_error_handlers(app: FastAPI) -> None:
                             headers=error.headers)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body(f"Internal error: {type(error).__name__}: {error}", "server_error"),
-                            status_code=500)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(internal_error_body(f"{request.method} {request.url.path}", error), status_code=500)
+
+
+def internal_error_body(where: str, error: BaseException) -> dict[str, object]:
+    """The body of an unexpected failure: "Internal error" and an incident id, nothing of the exception (paths,
+    values, traces stay out of responses). The traceback is logged with the same id."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", incident, where, exc_info=error)
+    return error_body(f"Internal error (incident {incident}; the server log has the details).", "server_error",
+                      code="internal_error")

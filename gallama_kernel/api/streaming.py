@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.responses import Response
@@ -22,8 +22,13 @@ PING = b": ping\n\n"
 class EventStream(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], status_code: int = 200, ping_s: float = 15.0) -> None:
+    def __init__(self, events: AsyncIterator[bytes], status_code: int = 200, ping_s: float = 15.0,
+                 ended_by: Callable[[], Awaitable[bytes]] | None = None) -> None:
+        """:param ended_by: when the awaitable it returns finishes first (the server is shutting down, say), the
+            stream stops and its bytes are written last (an error event and ``[DONE]``) instead of a silent cut.
+        """
         self.status_code = status_code
+        self.ended_by = ended_by
         self.background = None
         self.init_headers(HEADERS)  # no body attribute: no content-length
         self.events = events
@@ -41,13 +46,22 @@ class EventStream(Response):
         producer = asyncio.ensure_future(self._produce(send))
         watchers = [asyncio.ensure_future(self._watch_disconnect(receive)),
                     asyncio.ensure_future(self._ping(send, loop))]
+        ending = asyncio.ensure_future(self.ended_by()) if self.ended_by is not None else None
+        last = b""
         try:
-            await asyncio.wait({producer, watchers[0]}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({producer, watchers[0], *([ending] if ending else [])},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if ending is not None and ending.done() and not producer.done() and not self.disconnected:
+                last = ending.result()
         finally:
-            for task in (producer, *watchers):
+            for task in (producer, *watchers, *([ending] if ending else [])):
                 task.cancel()
-            await asyncio.gather(producer, *watchers, return_exceptions=True)
+            await asyncio.gather(producer, *watchers, *([ending] if ending else []), return_exceptions=True)
             await self._close_events()
+        if last:  # ended from outside: the closing words, then the end of the body
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+            return
         if self.disconnected or producer.cancelled():
             return
         error = producer.exception()

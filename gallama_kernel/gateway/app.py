@@ -4,6 +4,13 @@ proxies streams chunk by chunk as they arrive, and manages models at run time.
 Endpoints besides the OpenAI ones: ``POST /add_model`` (one spec or a list; ``?wait=true`` answers once
 loaded), ``POST /remove_model`` (drains in-flight requests first), ``GET /list_loaded_models`` (state of
 every model and replica). With ``GALLAMA_ADMIN_KEY`` set, those three need ``Authorization: Bearer <key>``.
+
+Hostile input (limits in protocol/limits.py): every POST takes only ``application/json`` (else 415: a web page
+cannot post ``text/plain`` or a form cross-site to a local gateway); bodies are bounded while they arrive
+(``GALLAMA_MAX_BODY_BYTES``: 413; ``GALLAMA_BODY_TIMEOUT_S``: 408) and their JSON nesting before parsing (400); a
+lone-surrogate ``\\u`` escape is a 400. ``/add_model`` refuses names that are not plain (or ``org/name``) and model
+paths the in-tree backend cannot load (a device, FIFO, folder or non-GGUF file for llama_cpp) before a worker
+starts. ``/health`` needs no key, so it shows no pids or ports. On shutdown, open streams end with an error event.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..api.errors import install_error_handlers
-from ..api.openai_routes import read_json, unless_disconnected
+from ..api.openai_routes import check_content_type, parse_json, read_body, read_json, unless_disconnected
 from ..api.streaming import EventStream
-from ..config import ConfigError, ModelSpec, build_spec, load_model_config
+from ..config import ConfigError, ModelSpec, build_spec, check_model_path, check_served_name, load_model_config
 from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from . import mixture
 from .pool import Pool, Worker
@@ -36,6 +43,18 @@ log = logging.getLogger("gallama.gateway")
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 GATEWAY_KEEP_ALIVE_S = 30.0
 WORKER_HEALTH_TIMEOUT_S = 5.0
+STREAM_SHUTDOWN_GRACE_S = 2.0
+"""On shutdown, open streams get this long to finish; then they end with an error event (uvicorn's graceful
+shutdown, ``timeout_graceful_shutdown`` in cli.py, must be longer)."""
+SHUTTING_DOWN = error_body("The server is shutting down; the stream was ended early.", "server_error",
+                           code="server_shutting_down")
+
+
+class LoadFailed(APIError):
+    """A model in ``/add_model?wait=true`` did not load: the backend refused the spec (or could not load it)."""
+
+    status = 422
+    type = "invalid_request_error"
 
 
 class Unauthorized(APIError):
@@ -54,6 +73,22 @@ class Gateway:
         # side first (workers keep them WORKER_KEEP_ALIVE_S): never a request written into a connection the worker
         # is closing
         self.upstream = UpstreamClient(GATEWAY_KEEP_ALIVE_S)
+        self.stopping: asyncio.Event | None = None
+
+    def begin_shutdown(self) -> None:
+        """The server stops: open streams end (after :data:`STREAM_SHUTDOWN_GRACE_S`) with an error event.
+        Call on the event loop."""
+        if self.stopping is None:
+            self.stopping = asyncio.Event()
+        self.stopping.set()
+
+    async def shutdown_notice(self) -> bytes:
+        """Wait for :meth:`begin_shutdown` and the grace period; the bytes that end a relayed stream then."""
+        if self.stopping is None:
+            self.stopping = asyncio.Event()
+        await self.stopping.wait()
+        await asyncio.sleep(STREAM_SHUTDOWN_GRACE_S)
+        return f"\n\ndata: {json.dumps(SHUTTING_DOWN)}\n\ndata: [DONE]\n\n".encode()
 
     def check_admin(self, request: Request) -> None:
         if not self.admin_key:
@@ -72,9 +107,10 @@ class Gateway:
         specs = []
         for index, item in enumerate(items):
             try:
-                specs.append(build_spec(item, config, f"model {index}"))
+                spec = build_spec(item, config, f"model {index}")
             except (ConfigError, ValidationError) as error:
                 raise InvalidRequest(str(error), param="model_id") from None
+            specs.append(checked_spec(spec, f"model {index}"))
         return specs
 
     # -- proxying ------------------------------------------------------------------------------------------
@@ -122,11 +158,23 @@ class Gateway:
                 upstream.close()  # unless read to the end; on client disconnect: the worker cancels the generation
                 release()
 
-        return EventStream(relay(), status_code=upstream.status)
+        return EventStream(relay(), status_code=upstream.status, ended_by=self.shutdown_notice)
 
     async def close(self) -> None:
         self.upstream.close()
         await self.pool.close()
+
+
+def checked_spec(spec: ModelSpec, source: str) -> ModelSpec:
+    """``spec`` if its served name is plain (:func:`check_served_name`) and its model path is one its backend can
+    load (:func:`check_model_path`: a FIFO or device never reaches a worker); else :class:`InvalidRequest`."""
+    try:
+        for name in (spec.name, *spec.aliases):
+            check_served_name(name, f"{source}: model name")
+        check_model_path(spec.model_path or spec.model_id, spec.backend)
+    except ConfigError as error:
+        raise InvalidRequest(str(error), param="model_id", code="invalid_model") from None
+    return spec
 
 
 def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial: list[ModelSpec] | None = None,
@@ -138,6 +186,12 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if initial:
+            try:
+                for index, spec in enumerate(initial):
+                    checked_spec(spec, f"-id {index + 1}")
+            except InvalidRequest as error:
+                await gateway.close()
+                raise RuntimeError(error.message) from None
             groups = pool.add(initial)
             await pool.wait_loaded(groups)
             failed = [f"{g.name}: {w.error}" for g in groups for w in g.workers if w.state == "failed"]
@@ -156,8 +210,9 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial:
     install_error_handlers(app)
 
     async def route(request: Request, path: str) -> Response:
-        raw = await request.body()
-        body = await read_json(request)
+        check_content_type(request)
+        raw = await read_body(request)
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
         name = body.get("model")
@@ -216,8 +271,11 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial:
         if not wait:
             return JSONResponse({"models": [g.describe() for g in groups]}, status_code=202)
         await pool.wait_loaded(groups)
-        failed = any(g.state == "failed" for g in groups)
-        return JSONResponse({"models": [g.describe() for g in groups]}, status_code=500 if failed else 200)
+        failed = [f"{g.name}: {w.error or 'failed'}" for g in groups for w in g.workers if w.state == "failed"]
+        if failed:  # the backend refused the spec at load (gpus on a CPU build, say): the spec is what to change
+            raise LoadFailed("Could not load " + "; ".join(failed) + " (listed as failed until /remove_model)",
+                             param="model_id", code="model_load_failed")
+        return JSONResponse({"models": [g.describe() for g in groups]})
 
     @app.post("/remove_model")
     async def remove_model(request: Request) -> dict[str, Any]:
@@ -236,7 +294,8 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial:
 
 
 async def _worker_health(gateway: Gateway, worker: Worker) -> dict[str, Any]:
-    base = worker.describe()
+    # no pid or port: /health needs no key; /list_loaded_models (behind the admin key) has them
+    base = {k: v for k, v in worker.describe().items() if k not in ("pid", "port")}
     if worker.state != "ready":
         return {**base, "status": worker.state}
     reply: UpstreamResponse | None = None

@@ -17,6 +17,8 @@ from fastapi import Request, Response
 from ..api.openai_routes import unless_disconnected
 from ..api.streaming import EventStream
 from ..protocol.errors import APIError, InvalidRequest
+from ..protocol.limits import MAX_MIXTURE_AGENTS
+from .pool import shorten
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -36,6 +38,9 @@ def _agents(body: dict[str, Any]) -> list[str]:
     if (not isinstance(spec, dict) or set(spec) - {"agents"} or not isinstance(agents, list) or not agents
             or not all(isinstance(a, str) for a in agents)):
         raise InvalidRequest(f"'{FIELD}' must be {{\"agents\": [model names]}}.", param=FIELD)
+    if len(agents) > MAX_MIXTURE_AGENTS:
+        raise InvalidRequest(f"'{FIELD}' asks {len(agents)} agents; the limit is {MAX_MIXTURE_AGENTS}.",
+                             param=f"{FIELD}.agents", code="too_many_agents")
     return agents
 
 
@@ -48,11 +53,12 @@ async def _ask(gateway: Gateway, name: str, body: dict[str, Any]) -> dict[str, A
         response = await gateway.forward(worker, "/v1/chat/completions", json.dumps(payload).encode(), False)
         data = json.loads(bytes(response.body))
         if response.status_code != 200:
-            return {"model": name, "error": data.get("error", {}).get("message", f"HTTP {response.status_code}")}
+            message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+            return {"model": name, "error": shorten(str(message or f"HTTP {response.status_code}"))}
         return {"model": group.name, "content": data["choices"][0]["message"].get("content") or "",
                 "usage": data.get("usage")}
     except APIError as error:
-        return {"model": name, "error": error.message}
+        return {"model": name, "error": shorten(error.message)}
     except (ValueError, KeyError, IndexError) as error:
         return {"model": name, "error": f"unreadable reply: {error}"}
 
@@ -74,7 +80,8 @@ async def serve(gateway: Gateway, request: Request, body: dict[str, Any], group:
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("Invalid value for 'messages': a list is required.", param="messages")
-    replies = await asyncio.gather(*(_ask(gateway, name, body) for name in agents))
+    # the agents' requests are cancelled (their generations aborted) when the client leaves
+    replies = await unless_disconnected(request, asyncio.gather(*(_ask(gateway, name, body) for name in agents)))
     final = {k: v for k, v in body.items() if k != FIELD} | {"messages": _with_replies(messages, replies)}
     worker = gateway.pool.pick(group)
     raw = json.dumps(final).encode()
@@ -92,7 +99,7 @@ async def serve(gateway: Gateway, request: Request, body: dict[str, Any], group:
             finally:
                 await response.events.aclose()  # type: ignore[attr-defined]  # releases the worker's stream
 
-        return EventStream(with_report(), status_code=response.status_code)
+        return EventStream(with_report(), status_code=response.status_code, ended_by=gateway.shutdown_notice)
     response = await unless_disconnected(request, gateway.forward(worker, "/v1/chat/completions", raw, False))
     if response.status_code != 200:
         return response

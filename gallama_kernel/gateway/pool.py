@@ -22,9 +22,17 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..protocol.errors import APIError, ModelNotFound, ServiceUnavailable
+from ..protocol.limits import MAX_RELAYED_ERROR_CHARS
 from .worker import FAILED, READY
 
 log = logging.getLogger("gallama.gateway")
+
+
+def shorten(text: str, limit: int = MAX_RELAYED_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters: a worker's error (a load failure's trace, say) that the gateway
+    relays in /health and error bodies stays short."""
+    return text if len(text) <= limit else text[:limit] + "… (cut; the server log has all of it)"
+
 
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -246,7 +254,10 @@ class Pool:
                     self._set(worker, "ready")
                     return True
                 if kind == FAILED:
-                    worker.error = str(json.loads(payload).get("error"))
+                    error = str(json.loads(payload).get("error"))
+                    if len(error) > MAX_RELAYED_ERROR_CHARS:  # the whole of it goes to the log only
+                        log.warning("%s replica %d failed to load: %s", worker.spec.name, worker.replica, error)
+                    worker.error = shorten(error)
                     await process.wait()
                     return False
                 sys.stderr.write(line)  # anything else the worker printed

@@ -19,6 +19,7 @@ from typing import Any
 import lark
 
 from ..protocol.errors import InvalidRequest
+from .limits import MAX_ERROR_CHARS, grammar_budget_error
 
 ANY_TEXT = r"(.|\n)+"
 """Regex (in both dialects) for any non-empty text, newlines included.
@@ -33,6 +34,29 @@ COMPLETE_LEX_MAX_CHARS = 2000
 
 class GrammarError(InvalidRequest):
     """A constraint that cannot be compiled or enforced: a 400 naming the request field."""
+
+
+def trim_engine_message(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An engine's or parser's error cut to its first line (and the line that says ``error: …``), without
+    source excerpts, native backtraces or file paths, at most ``limit`` characters."""
+    lines = []
+    for line in (line.strip() for line in message.strip().splitlines()):
+        if re.match(r"(stack backtrace|backtrace:|note: run with|\d+: \S+::)", line, re.IGNORECASE):
+            break
+        if line:
+            lines.append(line)
+    if not lines:
+        return "the grammar was refused"
+    text = lines[0]
+    cause = next((line for line in lines[1:] if line.lower().startswith("error:")), None)
+    if cause is not None and cause not in text:
+        text = f"{text.rstrip(':')}: {cause[len('error:'):].strip()}"
+    text = _PATH.sub("<path>", text)
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+_PATH = re.compile(r"(?<![\w.])(?:/[\w.+@-]+){2,}/?(?::\d+)*")
+"""An absolute file path (a native build path such as ``/home/runner/.cargo/…/lib.rs:12``)."""
 
 
 def literal(text: str) -> str:
@@ -154,20 +178,34 @@ class GrammarBuilder:
     rules: dict[str, str] = field(default_factory=dict)
     lazy: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (llguidance body, lark body)
     _memo: dict[Any, str] = field(default_factory=dict)
+    _used: set[str] = field(default_factory=set)  # upper-cased names handed out by fresh
+    _counters: dict[str, int] = field(default_factory=dict)  # base name -> last suffix handed out
 
     def fresh(self, hint: str, terminal: bool = False) -> str:
+        """A name not used yet (case-insensitively), derived from ``hint``.
+
+        A counter per base name and a set of the names handed out keep this O(1) per call: schemas with
+        thousands of properties ask for thousands of names with the same hint.
+        """
         base = re.sub(r"[^a-z0-9_]", "_", hint.lower()).strip("_") or "r"
         if base[0].isdigit():
             base = "r_" + base
         base = base[:40]
-        name, n = base, 1
-        while name.upper() in self._taken():
+        name, n = base, self._counters.get(base, 1)
+        if n > 1:
+            name = f"{base}_{n}"
+        while self._is_taken(name):
             n += 1
             name = f"{base}_{n}"
+        self._counters[base] = n
+        self._used.add(name.upper())
         return name.upper() if terminal else name
 
-    def _taken(self) -> set[str]:
-        return {name.upper() for name in (*self.rules, *self.lazy)}
+    def _is_taken(self, name: str) -> bool:
+        upper = name.upper()
+        # rules or lazy rules a caller added by hand (not through fresh) count too
+        return upper in self._used or name in self.rules or upper in self.rules or name in self.lazy \
+            or upper in self.lazy
 
     def rule(self, hint: str, body: str, *, key: Any = None) -> str:
         """Add ``hint: body`` under a fresh name; with ``key``, an equal key returns the earlier rule."""
@@ -212,22 +250,31 @@ class GrammarBuilder:
                            regex_literal(f"((?!{marker_re})(.|\\n))*{marker_re}"))
         return name
 
-    def build(self, start: str, description: str = "grammar") -> Grammar:
-        """Render with ``start`` as the start expansion."""
+    def build(self, start: str, description: str = "grammar", *, param: str | None = None) -> Grammar:
+        """Render with ``start`` as the start expansion; a 400 naming ``param`` if over a budget (see
+        :mod:`.limits`)."""
         common = [f"{name}: {body}" for name, body in self.rules.items()]
         guidance = [f"start: {start}", *common, *(f"{n}[lazy]: {b[0]}" for n, b in self.lazy.items())]
         python = [f"start: {start}", *common, *(f"{n}: {b[1]}" for n, b in self.lazy.items())]
-        return Grammar("\n".join(python) + "\n", "\n".join(guidance) + "\n", description)
+        grammar = Grammar("\n".join(python) + "\n", "\n".join(guidance) + "\n", description)
+        problem = grammar_budget_error(grammar.llguidance, user=False)
+        if problem is not None:
+            raise GrammarError(f"The {description} cannot be enforced: {problem}", param=param,
+                               code="grammar_too_large")
+        return grammar
 
 
 def user_grammar(text: str, param: str = "grammar") -> Grammar:
     """A Lark grammar sent by a client, checked by Lark itself; a broken one is a 400 with Lark's message."""
     if not text.strip():
         raise GrammarError("The grammar is empty.", param=param)
+    problem = grammar_budget_error(text, user=True)
+    if problem is not None:
+        raise GrammarError(f"Invalid Lark grammar: {problem}", param=param, code="invalid_grammar")
     if re.search(r"^\s*start\s*:", text, re.MULTILINE) is None:
         raise GrammarError("The grammar needs a 'start' rule.", param=param)
     try:
         _parser(text)
-    except lark.exceptions.LarkError as error:
-        raise GrammarError(f"Invalid Lark grammar: {error}".strip(), param=param) from None
+    except Exception as error:  # Lark's own errors, the regex module's, RecursionError: never a 500
+        raise GrammarError(trim_engine_message(f"Invalid Lark grammar: {error}"), param=param) from None
     return Grammar(text, text, "Lark grammar")

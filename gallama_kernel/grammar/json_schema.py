@@ -33,6 +33,10 @@ valid, not to be able to write every valid document. The narrowings:
   ``uuid`` (8-4-4-4-12 hex digits) and ``email`` (a simple ``local@domain.tld`` subset);
 * strings, enum members and keys are written with non-ASCII characters as themselves.
 
+Budgets (:mod:`.limits`, checked before compiling): nesting depth, subschema count, property count, enum
+size and string lengths; a schema over one, or one that no value satisfies (``minLength`` over ``maxLength``, an
+empty ``enum``, a ``$ref`` cycle without input in between such as ``{"$ref": "#"}``), is refused.
+
 Everything else a schema may say is either an annotation (:data:`ANNOTATIONS`, ignored: it constrains
 nothing) or refused with a :class:`~.core.GrammarError` naming the keyword and where it is (a JSON pointer
 such as ``/properties/age``): a constraint is never dropped silently.
@@ -48,6 +52,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from .core import Grammar, GrammarBuilder, GrammarError, literal
+from .limits import MAX_SCHEMA_DEPTH, schema_budget_error
 
 __all__ = [
     "ANNOTATIONS",
@@ -142,7 +147,7 @@ def json_schema_grammar(schema: dict[str, Any] | bool, param: str = "response_fo
     """The grammar of compact JSON documents valid against ``schema``; a 400 naming ``param`` if it cannot be."""
     builder = GrammarBuilder()
     start = JsonSchemaCompiler(builder, param=param).compile(schema)
-    return builder.build(start, "JSON schema")
+    return builder.build(start, "JSON schema", param=param)
 
 
 def json_object_grammar(param: str = "response_format") -> Grammar:
@@ -175,6 +180,7 @@ class JsonSchemaCompiler:
         self.param = param
         self._root: dict[str, Any] | bool = True
         self._root_key = ""
+        self._bare: set[str] = set()  # $ref targets being compiled since the last '{' or '[' (no input between)
 
     def compile(self, schema: dict[str, Any] | bool, root: dict[str, Any] | None = None) -> str:
         """Add rules for values valid against ``schema``; return the rule name (or atom) that matches them.
@@ -182,17 +188,30 @@ class JsonSchemaCompiler:
         :param root: the document that ``$ref``\\ s in ``schema`` point into (default: ``schema`` itself)
         """
         self._root = schema if root is None else root
+        for document in (self._root, schema) if root is not None else (schema,):
+            problem = schema_budget_error(document)
+            if problem is not None:
+                message, pointer, code = problem
+                raise self._error(message, pointer, code=code)
         try:
             self._root_key = json.dumps(self._root, ensure_ascii=False)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise self._error("The schema is not valid JSON.", "") from None
-        return self._compile(schema, "")
+        self._bare = set()
+        try:
+            return self._compile(schema, "")
+        except RecursionError:  # the budgets should make this unreachable; never a 500
+            raise self._error(f"the schema is nested too deeply (limit {MAX_SCHEMA_DEPTH}).", "") from None
 
     # -- errors ---------------------------------------------------------------------------------------------
 
-    def _error(self, message: str, pointer: str) -> GrammarError:
+    def _error(self, message: str, pointer: str, code: str | None = None) -> GrammarError:
         where = f"at {pointer}" if pointer else "at the schema root"
-        return GrammarError(f"Invalid or unsupported JSON schema {where}: {message}", param=self.param)
+        return GrammarError(f"Invalid or unsupported JSON schema {where}: {message}", param=self.param, code=code)
+
+    def _unsatisfiable(self, why: str, pointer: str) -> GrammarError:
+        return self._error(f"{why} Nothing can satisfy this schema (it is unsatisfiable).", pointer,
+                           code="unsatisfiable_schema")
 
     def _unsupported(self, keyword: str, pointer: str, why: str = "") -> GrammarError:
         where = f"at {pointer}" if pointer else "at the schema root"
@@ -206,7 +225,7 @@ class JsonSchemaCompiler:
         if schema is True:
             return any_json_value(self.builder)
         if schema is False:
-            raise self._error("the schema 'false' accepts no value here.", pointer)
+            raise self._unsatisfiable("the schema 'false' accepts no value here.", pointer)
         if not isinstance(schema, dict):
             raise self._error("a schema must be an object or a boolean.", pointer)
         for keyword in schema:
@@ -286,9 +305,11 @@ class JsonSchemaCompiler:
             return self._string(schema, pointer)
         if kind in ("number", "integer"):
             return self._number(schema, pointer, integer=kind == "integer")
-        if kind == "array":
-            return self._array(schema, pointer)
-        return self._object(schema, pointer)
+        bare, self._bare = self._bare, set()  # '[' or '{' comes first: a $ref cycle below consumes input
+        try:
+            return self._array(schema, pointer) if kind == "array" else self._object(schema, pointer)
+        finally:
+            self._bare = bare
 
     # -- $ref, combinators ----------------------------------------------------------------------------------
 
@@ -313,7 +334,14 @@ class JsonSchemaCompiler:
             hint = target_pointer.rsplit("/", 1)[-1] if target_pointer else "root"
             name = self.builder.reserve("def_" + hint)
             self.builder.remember(key, name)
-            self.builder.define(name, self._compile(target, target_pointer))
+            self._bare.add(target_pointer)
+            try:
+                self.builder.define(name, self._compile(target, target_pointer))
+            finally:
+                self._bare.discard(target_pointer)
+        elif target_pointer in self._bare:
+            raise self._error(f"the reference {ref!r} is circular without any input in between (it would refer "
+                              "to itself forever); nothing can satisfy it.", pointer, code="unsatisfiable_schema")
         return name
 
     def _resolve(self, target_pointer: str, pointer: str, ref: str) -> Any:
@@ -344,7 +372,7 @@ class JsonSchemaCompiler:
             here = f"{pointer}/{keyword}/{i}"
             alternatives.append(self._compile(self._merge(member, siblings, here), here, refs))
         if not alternatives:
-            raise self._error(f"no member of '{keyword}' accepts a value.", pointer)
+            raise self._unsatisfiable(f"no member of '{keyword}' accepts a value.", pointer)
         return self._alternatives("json_any_of", alternatives)
 
     def _merge(self, schema: Any, extra: dict[str, Any], pointer: str) -> Any:
@@ -364,7 +392,7 @@ class JsonSchemaCompiler:
                 theirs = self._type_set(value)
                 both = [kind for kind in TYPES if kind in mine and kind in theirs]
                 if not both:
-                    raise self._error("the types required here exclude each other.", pointer)
+                    raise self._unsatisfiable("the types required here exclude each other.", pointer)
                 merged["type"] = both
             elif keyword == "required" and isinstance(value, list) and isinstance(merged[keyword], list):
                 merged["required"] = list(dict.fromkeys([*merged["required"], *value]))
@@ -388,12 +416,14 @@ class JsonSchemaCompiler:
                 values = [v for v in values if self._in_enum(v, schema, pointer)]
         else:
             values = schema["enum"]
-            if not isinstance(values, list) or not values:
+            if not isinstance(values, list):
                 raise self._error("'enum' must be a non-empty list.", pointer)
+            if not values:
+                raise self._unsatisfiable("'enum' is empty.", pointer)
         kinds = None if "type" not in schema and "nullable" not in schema else self._types(schema, pointer)
         kept = [v for v in values if self._value_allowed(v, schema, kinds, pointer)]
         if not kept:
-            raise self._error("no value of 'enum'/'const' satisfies the other keywords.", pointer)
+            raise self._unsatisfiable("no value of 'enum'/'const' satisfies the other keywords.", pointer)
         return self._alternatives("json_enum", [literal(compact(v)) for v in kept])
 
     def _in_enum(self, value: Any, schema: dict[str, Any], pointer: str) -> bool:
@@ -464,7 +494,7 @@ class JsonSchemaCompiler:
         low = self._count(schema, "minLength", pointer) or 0
         high = self._count(schema, "maxLength", pointer)
         if high is not None and low > high:
-            raise self._error("minLength is greater than maxLength.", pointer)
+            raise self._unsatisfiable("minLength is greater than maxLength.", pointer)
         return low, high
 
     def _count(self, schema: dict[str, Any], keyword: str, pointer: str) -> int | None:
@@ -520,7 +550,7 @@ class JsonSchemaCompiler:
             return _number_terminal(self.builder)
         pattern = number_regex(low, low_excl, high, high_excl, integer=integer)
         if pattern is None:
-            raise self._error("no number lies between the bounds.", pointer)
+            raise self._unsatisfiable("no number lies between the bounds.", pointer)
         return self.builder.terminal("json_integer" if integer else "json_number", pattern, key=("number", pattern))
 
     def _bounds(self, schema: dict[str, Any], pointer: str) -> tuple[Fraction | None, bool, Fraction | None, bool]:
@@ -577,7 +607,7 @@ class JsonSchemaCompiler:
             prefix = prefix[:high]
         most = len(prefix) if rest is False else high  # None: unbounded
         if most is not None and low > most:
-            raise self._error("minItems is greater than the number of items allowed.", pointer)
+            raise self._unsatisfiable("minItems is greater than the number of items allowed.", pointer)
         slots = [self._compile(item, f"{pointer}/{prefix_keyword}/{i}") for i, item in enumerate(prefix)]
         extra = None
         if rest is not False and (most is None or most > len(prefix)):

@@ -14,7 +14,8 @@ from collections import OrderedDict
 
 import llguidance
 
-from .core import Grammar, GrammarError
+from .core import Grammar, GrammarError, trim_engine_message
+from .limits import grammar_budget_error
 
 log = logging.getLogger("gallama.grammar")
 
@@ -53,8 +54,18 @@ class MatcherCache:
             if cached is not None:
                 self._compiled.move_to_end(key)
         if cached is None:
-            matcher = llguidance.LLMatcher(self.tokenizer, grammar.llguidance, log_level=0, limits=matcher_limits())
-            cached = matcher.get_error() if matcher.is_error() else matcher
+            problem = grammar_budget_error(grammar.llguidance, user=False)  # native code must never see these
+            if problem is not None:
+                raise GrammarError(f"The {grammar.description} cannot be enforced: {problem}", param="grammar",
+                                   code="grammar_too_large")
+            try:
+                matcher = llguidance.LLMatcher(self.tokenizer, grammar.llguidance, log_level=0,
+                                               limits=matcher_limits())
+            except Exception as error:  # what llguidance refuses is the client's grammar: never a 500
+                message = trim_engine_message(str(error))
+                raise GrammarError(f"The {grammar.description} cannot be enforced: {message}", param="grammar",
+                                   code="invalid_grammar") from None
+            cached = trim_engine_message(matcher.get_error()) if matcher.is_error() else matcher
             if isinstance(cached, llguidance.LLMatcher):
                 for warning in matcher.get_grammar_warnings():
                     log.debug("grammar warning (%s): %s", grammar.description, warning)
@@ -64,7 +75,7 @@ class MatcherCache:
                 while len(self._compiled) > self.cache_size:
                     self._compiled.popitem(last=False)
         if isinstance(cached, str):
-            raise GrammarError(f"The {grammar.description} cannot be enforced: {cached.strip()}",
+            raise GrammarError(f"The {grammar.description} cannot be enforced: {cached}",
                                param="grammar", code="invalid_grammar")
         return cached
 

@@ -14,7 +14,11 @@ the dialects cannot say the same thing, it accepts less (a *narrowing*):
 * ``(?i)`` is implemented by case expansion: exact in ASCII; a non-ASCII literal also takes its own upper and
   lower case; non-ASCII ranges take no case variants; a negated ``(?i)`` class that names a cased character
   accepts no non-ASCII character.
-* Surrogates (U+D800 to U+DFFF) are never accepted: no engine can produce them.
+* Surrogates (U+D800 to U+DFFF) are never accepted: no engine can produce them; a pattern holding one is
+  refused.
+
+Budgets (:mod:`.limits`): a pattern longer than :data:`~.limits.MAX_REGEX_CHARS`, or with a repetition count
+(nested counts multiplied) over :data:`~.limits.MAX_REPEAT`, is refused; so is one that no string matches.
 
 Lazy quantifiers match the same strings as greedy ones. ``(?s)``, ``(?m)``, ``(?x)``, ``(?a)`` and ``(?u)``
 are honoured. Anchors (``^``, ``$``, ``\\A``, ``\\Z``) are allowed only at the very start or end, where they
@@ -34,6 +38,7 @@ from re import _parser  # type: ignore[attr-defined]
 from typing import Any
 
 from .core import REGEX_META, Grammar, GrammarBuilder, GrammarError
+from .limits import MAX_REGEX_CHARS, MAX_REPEAT, first_surrogate, over
 
 __all__ = ["matches_empty", "prefix_grammar", "regex_grammar", "translate_regex"]
 
@@ -332,6 +337,7 @@ class _Translator:
         self.param = param
         self.json_string = json_string
         self.end_anchored = False
+        self.scale = 1  # product of the counts of the repetitions around the current node
 
     def refuse(self, construct: str) -> GrammarError:
         return GrammarError(f"The regex in '{self.param}' uses {construct}, which cannot be enforced during "
@@ -364,8 +370,17 @@ class _Translator:
             return self.sequence(list(body), (flags | add) & ~remove, start, end)
         if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
             low, high, body = value
-            return _repeat(self.sequence(list(body), flags, False, False), low,
-                           None if high is sre.MAXREPEAT else high)
+            count = max(low, 0 if high is sre.MAXREPEAT else high)
+            if self.scale * max(count, 1) > MAX_REPEAT:
+                raise GrammarError(f"The regex in '{self.param}' is too large: " + over(
+                    "repetition count (nested counts multiplied)", self.scale * count, MAX_REPEAT),
+                    param=self.param, code="regex_too_large")
+            outer, self.scale = self.scale, self.scale * max(count, 1)
+            try:
+                return _repeat(self.sequence(list(body), flags, False, False), low,
+                               None if high is sre.MAXREPEAT else high)
+            finally:
+                self.scale = outer
         refused = {sre.GROUPREF: r"a back-reference (\1 or (?P=name))",
                    sre.GROUPREF_EXISTS: "a conditional group on a back-reference ((?(1)…|…))",
                    sre.POSSESSIVE_REPEAT: "a possessive quantifier (*+, ++, ?+ or {m,n}+)",
@@ -386,7 +401,16 @@ class _Translator:
 
 
 def _translate(pattern: str, param: str, json_string: bool = False) -> tuple[Node, bool]:
-    """The pattern's tree and whether it ends with an end anchor."""
+    """The pattern's tree and whether it ends with an end anchor; a 400 for one that nothing matches."""
+    if not isinstance(pattern, str):
+        raise GrammarError(f"The regex in '{param}' must be a string.", param=param)
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise GrammarError(f"The regex in '{param}' is too large: " + over(
+            "regex length (characters)", len(pattern), MAX_REGEX_CHARS), param=param, code="regex_too_large")
+    at = first_surrogate(pattern)
+    if at is not None:
+        raise GrammarError(f"The regex in '{param}' holds a lone surrogate (U+{ord(pattern[at]):04X}) at "
+                           f"position {at}: no text can hold one.", param=param)
     try:
         re.compile(pattern)
         parsed = _parser.parse(pattern)
@@ -396,6 +420,8 @@ def _translate(pattern: str, param: str, json_string: bool = False) -> tuple[Nod
         raise GrammarError(f"Invalid regex in '{param}': {error}", param=param) from None
     except (RecursionError, OverflowError):
         raise GrammarError(f"The regex in '{param}' is nested too deeply or is too large.", param=param) from None
+    if node == NOTHING:
+        raise GrammarError(f"The regex in '{param}' is unsatisfiable: no string can match it.", param=param)
     return node, translator.end_anchored
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,19 +108,23 @@ def from_request(request: ChatCompletionRequest) -> Constraint | None:
 
 
 _CACHE: OrderedDict[str, Grammar] = OrderedDict()
+_CACHE_LOCK = threading.Lock()  # requests are prepared on several threads (service.off_loop)
 
 
 def compile_constraint(constraint: Constraint, after: str | None = None) -> Grammar:
-    """The grammar for ``constraint``, preceded by free text up to ``after`` when given. Cached."""
+    """The grammar for ``constraint``, preceded by free text up to ``after`` when given. Cached; compiled outside
+    the cache's lock (two first requests for one constraint may both compile it)."""
     key = json.dumps([constraint.key(), after])
-    grammar = _CACHE.get(key)
-    if grammar is not None:
-        _CACHE.move_to_end(key)
-        return grammar
+    with _CACHE_LOCK:
+        grammar = _CACHE.get(key)
+        if grammar is not None:
+            _CACHE.move_to_end(key)
+            return grammar
     grammar = _compile(constraint, after)
-    _CACHE[key] = grammar
-    if len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    with _CACHE_LOCK:
+        _CACHE[key] = grammar
+        if len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
     return grammar
 
 
@@ -137,7 +142,7 @@ def _compile(constraint: Constraint, after: str | None) -> Grammar:
     body = constraint.add_to(builder)
     if after:
         body = f"{builder.text_until(after)} ({body})"
-    return builder.build(body, constraint.description or constraint.kind)
+    return builder.build(body, constraint.description or constraint.kind, param=constraint.param)
 
 
 def check_output(grammar: Grammar, text: str) -> bool:

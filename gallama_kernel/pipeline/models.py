@@ -19,7 +19,8 @@ class ServedModel:
     renderer: PromptRenderer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens)
+        self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens,
+                                       self.backend.control_texts)
 
 
 class ModelRegistry:

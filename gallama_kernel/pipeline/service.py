@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import math
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..backend import GenerationEvent, GenerationRequest, SamplingParams
 from ..grammar import Grammar
 from ..plugins import PluginHost
+from ..protocol import limits
 from ..protocol.errors import InvalidRequest
 from ..protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from . import constraints, tools
@@ -42,6 +45,76 @@ def token_budget(model: ServedModel, prompt_tokens: int, requested: int | None) 
             f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the completion).",
             param="max_tokens", code="context_length_exceeded")
     return requested
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PREPARE_POOL = concurrent.futures.ThreadPoolExecutor(limits.PREPARE_THREADS, thread_name_prefix="gallama-prepare")
+
+
+def _over(what: str, value: int, limit: int, param: str) -> InvalidRequest:
+    return InvalidRequest(f"{what}: {value}, over the limit of {limit}.", param=param, code="request_too_large")
+
+
+def check_text(fields: dict[str, Any]) -> None:
+    """Count the characters of every string in ``fields`` (name -> value; keys of dicts count too) against
+    :data:`~gallama_kernel.protocol.limits.MAX_REQUEST_CHARS`, and refuse lone surrogates (which no tokenizer
+    can encode) naming where they are. Iterative: a deeply nested schema cannot exhaust the stack."""
+    total = 0
+    stack: list[tuple[str, Any]] = list(fields.items())
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+            if total > limits.MAX_REQUEST_CHARS:
+                raise _over("Characters of text in the request", total, limits.MAX_REQUEST_CHARS, path)
+            if not value.isascii() and _SURROGATE.search(value):
+                raise InvalidRequest(f"'{path}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                                     "which is not text.", param=path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{path}.{key}", item))
+                if isinstance(key, str):
+                    stack.append((f"{path}.{key}", key))
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{path}.{index}", item) for index, item in enumerate(value))
+
+
+def check_stops(stops: list[str]) -> None:
+    if len(stops) > limits.MAX_STOP_STRINGS:
+        raise _over("Number of stop strings", len(stops), limits.MAX_STOP_STRINGS, "stop")
+    for index, stop in enumerate(stops):
+        if len(stop) > limits.MAX_STOP_CHARS:
+            raise _over(f"Characters of stop string {index}", len(stop), limits.MAX_STOP_CHARS, f"stop.{index}")
+
+
+def check_chat_limits(request: ChatCompletionRequest) -> None:
+    """The size limits of :mod:`~gallama_kernel.protocol.limits`, before any text reaches native code."""
+    if len(request.messages) > limits.MAX_MESSAGES:
+        raise _over("Number of messages", len(request.messages), limits.MAX_MESSAGES, "messages")
+    if request.tools and len(request.tools) > limits.MAX_TOOLS:
+        raise _over("Number of tools", len(request.tools), limits.MAX_TOOLS, "tools")
+    check_stops(request.stop_list)
+    check_text({"messages": [m.model_dump(exclude_none=True) for m in request.messages],
+                "tools": [t.model_dump(exclude_none=True) for t in request.tools or []],
+                "leading_prompt": request.leading_prompt or "", "stop": request.stop_list})
+
+
+async def off_loop(work: Callable[[], Prepared]) -> Prepared:
+    """Run ``work`` (a request's preparation) in a preparation thread, within
+    :data:`~gallama_kernel.protocol.limits.PREPARE_BUDGET_S`: past it the request is a 400 and the thread's
+    result, when it comes, is dropped (a prepared request holds no engine resources). Its errors are raised
+    here as they are (an :class:`InvalidRequest` stays a 400)."""
+    future = asyncio.get_running_loop().run_in_executor(_PREPARE_POOL, work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), limits.PREPARE_BUDGET_S)
+    except TimeoutError:
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: never logged
+        raise InvalidRequest(f"Preparing this request took longer than its budget of {limits.PREPARE_BUDGET_S:g} s "
+                             "(rendering, tokenizing and compiling its constraints); send a smaller request.",
+                             code="preparation_budget_exceeded") from None
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
 
 
 def usage(event: GenerationEvent) -> dict[str, Any]:
@@ -121,8 +194,7 @@ class Prepared:
     def render(self, opening: str = "") -> list[int]:
         """Prompt tokens of the plan as it stands, followed by ``opening``."""
         assert self.plan is not None
-        prompt = self.model.renderer.render(self.plan.messages, **self.plan.template_vars)
-        return self.model.backend.tokenize(prompt + self.plan.leading_prompt + opening)
+        return prompt_tokens(self.model, self.plan, opening)
 
     def transform(self, delta: Delta, final: bool = False) -> list[Delta]:
         deltas = [delta] if delta else []
@@ -152,9 +224,16 @@ class ChatService:
         self.host = host
 
     # -- chat ------------------------------------------------------------------------------------------
+    async def prepare_chat_async(self, request: ChatCompletionRequest) -> Prepared:
+        """:meth:`prepare_chat` in a preparation thread, within the preparation budget (see :func:`off_loop`)."""
+        return await off_loop(lambda: self.prepare_chat(request))
+
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        """Plugin hooks, rendering, tokenization, constraint compile and limit checks: blocking work, which the
+        event loop hands to :meth:`prepare_chat_async`."""
         model = self.registry.get(request.model)
         require_chat(model, "/v1/chat/completions")
+        check_chat_limits(request)
         messages = [self._message_dict(m) for m in request.messages]
         plan = RequestPlan(messages=messages, leading_prompt=request.leading_prompt or "", stop=request.stop_list,
                            constraint=constraints.from_request(request))
@@ -162,10 +241,9 @@ class ChatService:
         self.host.pm.hook.prepare_request(request=request, plan=plan)
         grammar = self._grammar(model, plan.constraint, plan.constraint_after)
         passes = [PreparedPass(p, self._grammar(model, p.constraint)) for p in plan.passes]
-        prompt = model.renderer.render(plan.messages, **plan.template_vars) + plan.leading_prompt
-        tokens = model.backend.tokenize(prompt)
+        tokens = prompt_tokens(model, plan)
         if passes:  # the first pass's prompt must fit before the response starts
-            token_budget(model, len(model.backend.tokenize(prompt + passes[0].spec.opening)), None)
+            token_budget(model, len(prompt_tokens(model, plan, passes[0].spec.opening)), None)
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_tokens=tokens,
             max_tokens=token_budget(model, len(tokens), request.token_limit),
@@ -329,10 +407,22 @@ class ChatService:
                            "model": prepared.model.name, "choices": [], "usage": usage(event)}
 
     # -- legacy completions ----------------------------------------------------------------------------
+    async def prepare_completion_async(self, request: CompletionRequest) -> Prepared:
+        """:meth:`prepare_completion` in a preparation thread, within the preparation budget."""
+        return await off_loop(lambda: self.prepare_completion(request))
+
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
+        """Limit checks and tokenization; ``prompt`` text is the client's, never read as control tokens."""
         model = self.registry.get(request.model)
         require_chat(model, "/v1/completions")
         prompt = request.prompt
+        if isinstance(prompt, list) and not prompt:
+            raise InvalidRequest("The prompt is empty: give a text or a list of token ids.", param="prompt")
+        if isinstance(prompt, list) and len(prompt) > limits.MAX_PROMPT_ITEMS:
+            raise _over("Items of the prompt list", len(prompt), limits.MAX_PROMPT_ITEMS, "prompt")
+        check_stops(request.stop_list)
+        check_text({"prompt": prompt if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)],
+                    "stop": request.stop_list})
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = list(prompt)  # type: ignore[arg-type]
             vocab = model.backend.vocab_size
@@ -341,7 +431,7 @@ class ChatService:
             text = model.backend.detokenize(tokens)
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt  # type: ignore[assignment]
-            tokens = model.backend.tokenize(str(text))
+            tokens = model.backend.tokenize_prompt([(str(text), False)])
         if not tokens:
             raise InvalidRequest("The prompt is empty.", param="prompt")
         generation = GenerationRequest(
@@ -379,6 +469,14 @@ class ChatService:
                 body["choices"] = []
                 body["usage"] = usage(event)
                 yield body
+
+
+def prompt_tokens(model: ServedModel, plan: RequestPlan, opening: str = "") -> list[int]:
+    """Tokens of the plan's prompt followed by ``opening``: the client's text (messages, tools,
+    ``leading_prompt``) never becomes control tokens (see :meth:`PromptRenderer.render_segments`)."""
+    segments = model.renderer.render_segments(plan.messages, leading_prompt=plan.leading_prompt, opening=opening,
+                                              **plan.template_vars)
+    return model.backend.tokenize_prompt(segments)
 
 
 def merge_delta(message: dict[str, Any], delta: Delta) -> None:

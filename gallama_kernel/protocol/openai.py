@@ -445,6 +445,8 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
         if self.best_of not in (None, 1):
             raise InvalidRequest("Only best_of=1 is supported.", param="best_of")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise InvalidRequest("The prompt is empty: give a text or a list of token ids.", param="prompt")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
             raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
 

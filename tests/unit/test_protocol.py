@@ -206,7 +206,8 @@ def test_http_refusals_are_openai_error_bodies() -> None:
         assert response.json()["error"]["param"] == "bogus"
         assert response.json()["error"]["type"] == "invalid_request_error"
 
-        response = client.post("/v1/chat/completions", content=b"{not json")
+        response = client.post("/v1/chat/completions", content=b"{not json",
+                               headers={"content-type": "application/json"})
         assert response.status_code == 400
         assert "not valid JSON" in response.json()["error"]["message"]
 

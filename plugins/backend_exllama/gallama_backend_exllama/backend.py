@@ -82,6 +82,7 @@ class ExLlamaBackend(Backend):
         self._add_bos = False
         self._bos_text = ""
         self._eos_text = ""
+        self._control: frozenset[str] = frozenset()
         self._template: str | None = None
         self._filter: type | None = None
 
@@ -125,6 +126,9 @@ class ExLlamaBackend(Backend):
         self._add_bos, self._template = files.adds_bos(), files.chat_template()
         self._bos_text = files.special_token_text("bos_token")
         self._eos_text = files.special_token_text("eos_token")
+        # the added tokens marked special: what encode_special_tokens=True reads as control tokens and client text
+        # must never become (non-special ones such as a thinking model's <think> stay as exllamav2 reads them)
+        self._control = frozenset(files.special_tokens()) | {t for t in (self._bos_text, self._eos_text) if t}
         try:
             self.grammars = MatcherCache(tokenizer_for(files, self.end_ids))
             self._filter = filter_class()
@@ -239,6 +243,15 @@ class ExLlamaBackend(Backend):
         tokenizer = self._require()[1]
         bos = add_special and self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         return [int(t) for t in tokenizer.encode(text, add_bos=bos, encode_special_tokens=True)[0].tolist()]
+
+    def tokenize_plain(self, text: str, *, add_special: bool = True) -> list[int]:
+        tokenizer = self._require()[1]
+        bos = add_special and self._add_bos
+        return [int(t) for t in tokenizer.encode(text, add_bos=bos, encode_special_tokens=False)[0].tolist()]
+
+    @property
+    def control_texts(self) -> frozenset[str]:
+        return self._control
 
     def detokenize(self, tokens: list[int]) -> str:
         import torch

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import llama_cpp as ll
@@ -35,6 +35,7 @@ from gallama_kernel.backend import (
     GenerationEvent,
     GenerationRequest,
     ProgressCallback,
+    PromptSegment,
     ThreadJobs,
 )
 from gallama_kernel.config import ModelSpec, unused_draft_keys
@@ -250,6 +251,19 @@ class LlamaCppBackend(Backend):
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self._require()[0].tokenize(text, add_special)
+
+    def tokenize_plain(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self._require()[0].tokenize_plain(text, add_special)
+
+    def tokenize_prompt(self, prompt: Sequence[PromptSegment], *, add_special: bool = True) -> list[int]:
+        model = self._require()[0]
+        if all(trusted for _, trusted in prompt):  # the usual case: reuses the tokens of recent prompts
+            return model.tokenize("".join(text for text, _ in prompt), add_special)
+        return model.tokenize_pieces(self.segment_splitter.pieces(prompt), add_special)
+
+    @property
+    def control_texts(self) -> frozenset[str]:
+        return self._require()[0].control_texts
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._require()[0].detokenize(tokens)

@@ -17,6 +17,7 @@ import llguidance
 import numpy as np
 from llguidance.llamacpp import lltokenizer_from_vocab
 
+from gallama_kernel.grammar.core import trim_engine_message
 from gallama_kernel.grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class TokenMask:
         """
         matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
         if matcher.is_error():
-            return matcher.get_error() or "the grammar matcher failed"
+            return trim_engine_message(matcher.get_error() or "the grammar matcher failed")  # no native dumps
         row = np.frombuffer(self._row_type.from_address(ctypes.addressof(logits.contents)), dtype=np.float32)
         # bit i of word w allows token 32*w + i: little-endian words read as bytes, least significant bit first
         allowed = np.unpackbits(self._bytes, count=self.n_vocab, bitorder="little")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -16,6 +17,7 @@ log = logging.getLogger("gallama.llama_cpp")
 
 RECENT_PROMPTS = 8  # tokenized prompts kept for reuse (see LlamaModel.tokenize)
 MIN_REUSE_BYTES = 1024  # a shorter shared opening is tokenized again: cheaper than finding the cut
+CHUNK_BYTES = 32 * 1024  # longer prompts are tokenized in pieces cut at control tokens (see LlamaModel._chunked)
 _SPLITTING = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED  # llama.cpp cuts the text at these
 _STRIPPING = ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP
 
@@ -42,15 +44,23 @@ class LlamaModel:
         _quiet_native_logs()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        loading = threading.Event()
         if progress is not None:
+            # In full test runs the callback was also seen with values such as 7e34 and called after the load had
+            # returned (cause not found): only fractions in [0, 1] during this load are reported, then 1.0.
             def report(fraction: float, _data: ctypes.c_void_p) -> bool:
-                progress(fraction)
+                if loading.is_set() and 0.0 <= fraction <= 1.0:
+                    progress(fraction)
                 return True
-            self._progress = ll.llama_progress_callback(report)  # kept alive while loading
+            self._progress = ll.llama_progress_callback(report)  # kept alive as long as the model
             params.progress_callback = self._progress
+        loading.set()
         self.ptr = ll.llama_model_load_from_file(path.encode(), params)
+        loading.clear()
         if not self.ptr:
             raise BackendError(f"llama.cpp could not load {path}")
+        if progress is not None:
+            progress(1.0)
         self.vocab = ll.llama_model_get_vocab(self.ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = ll.llama_model_n_ctx_train(self.ptr)
@@ -63,6 +73,8 @@ class LlamaModel:
         raw = ll.llama_model_chat_template(self.ptr, None)
         self.chat_template = raw.decode("utf-8", errors="replace") if raw else None
         self._cuts = self._cut_tokens()
+        self._cut_at = re.compile(b"|".join(re.escape(text) for text, _ in self._cuts)) if self._cuts else None
+        self.control_texts = self._control_texts()
         self._recent: deque[tuple[bytes, list[int]]] = deque(maxlen=RECENT_PROMPTS)
         self._recent_lock = threading.Lock()
 
@@ -86,6 +98,17 @@ class LlamaModel:
             return []
         return [(text, token) for text, token, attr in specials
                 if attr & ll.LLAMA_TOKEN_ATTR_CONTROL and not attr & _STRIPPING]
+
+    def _control_texts(self) -> frozenset[str]:
+        """Texts llama.cpp reads as control tokens with ``parse_special`` and as plain text without it (tokens
+        marked user-defined are read as tokens either way)."""
+        found = set()
+        for token in range(self.n_vocab):
+            if ll.llama_vocab_get_attr(self.vocab, token) & (ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN):
+                text = self._render(token, special=True).decode("utf-8", errors="replace")
+                if text:
+                    found.add(text)
+        return frozenset(found)
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -132,7 +155,7 @@ class LlamaModel:
             return self._tokenize(data, add_special)
         body = self._reuse(data)
         if body is None:
-            body = self._tokenize(data, False)
+            body = self._chunked(data)
         with self._recent_lock:
             self._recent.append((data, body))
         bos = ll.llama_vocab_bos(self.vocab)
@@ -157,14 +180,46 @@ class LlamaModel:
             return None
         return old_tokens[:index] + tail
 
-    def _tokenize(self, data: bytes, add_special: bool) -> list[int]:
+    def _chunked(self, data: bytes) -> list[int]:
+        """llama.cpp's tokens of ``data`` (special tokens parsed, no BOS), in pieces of about
+        :data:`CHUNK_BYTES` cut before a control token: llama.cpp splits the text at every special token with a
+        list that grows per split (quadratic: 16,000 short messages took 3.3 s whole), while the text between
+        control tokens is tokenized independently (as for :meth:`_reuse`), so the pieces' tokens joined are
+        the same."""
+        assert self._cut_at is not None
+        tokens: list[int] = []
+        start = 0
+        while len(data) - start > CHUNK_BYTES:
+            found = self._cut_at.search(data, start + CHUNK_BYTES)
+            if found is None:
+                break
+            tokens += self._tokenize(data[start:found.start()], False)
+            start = found.start()
+        return tokens + self._tokenize(data[start:], False)
+
+    def tokenize_pieces(self, pieces: list[tuple[str, bool]], add_special: bool) -> list[int]:
+        """Tokens of a prompt cut by :class:`~gallama_kernel.backend.SegmentSplitter`: ``(text, True)`` a control
+        token's text, ``(text, False)`` plain text. Not kept for reuse: a prompt with client control text is
+        rare, and its many small pieces would push the real prompts out."""
+        tokens: list[int] = []
+        for text, control in pieces:
+            tokens += self._tokenize(text.encode("utf-8"), False, parse_special=control)
+        bos = ll.llama_vocab_bos(self.vocab)
+        starts_with_bos = bool(pieces) and pieces[0] == (self.bos_text, True)
+        return [bos, *tokens] if add_special and self.add_bos and bos >= 0 and not starts_with_bos else tokens
+
+    def tokenize_plain(self, text: str, add_special: bool) -> list[int]:
+        """Tokens of ``text`` read as plain text: control-token text (``<|im_start|>``) is its characters."""
+        return self._tokenize(text.encode("utf-8"), add_special, parse_special=False)
+
+    def _tokenize(self, data: bytes, add_special: bool, parse_special: bool = True) -> list[int]:
         capacity = len(data) + 8
         tokens = (ll.llama_token * capacity)()
-        n = ll.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
+        n = ll.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
         if n < 0:
             capacity = -n
             tokens = (ll.llama_token * capacity)()
-            n = ll.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
+            n = ll.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
         return list(tokens[:n])
 
     def detokenize(self, tokens: list[int]) -> str:
