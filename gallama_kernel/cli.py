@@ -38,6 +38,7 @@ from .config import (
     parse_id_string,
     resolve_model_path,
 )
+from .keys_cli import keys_group
 from .plugins import PluginHost, create_host
 
 console = Console(stderr=True)
@@ -84,6 +85,30 @@ def load_models(specs: list[ModelSpec], host: PluginHost, quiet: bool = False) -
     return registry
 
 
+def _say_who_may_call(store: Any, bind_host: str) -> None:
+    """At start: whether keys protect the server, and a warning when an open server listens beyond loopback."""
+    import ipaddress
+
+    try:
+        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host).is_loopback
+    except ValueError:
+        loopback = False
+    if store.inference_configured:
+        console.print("keys: inference and administration need an API key", highlight=False)
+        return
+    if store.configured:
+        console.print("keys: administration needs the admin key; inference is open (no inference key is set)",
+                      highlight=False)
+    else:
+        console.print("keys: none configured, so the server is open to every client that can reach it",
+                      highlight=False)
+    if not loopback:
+        console.print(f"[bold yellow]warning:[/bold yellow] listening on {escape(bind_host)} without an inference "
+                      "key: anyone who can reach this address can use the models"
+                      + ("" if store.configured else " and manage them")
+                      + ". Set GALLAMA_API_KEYS or create keys with 'gallama keys add NAME'.", highlight=False)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gallama")
 def cli() -> None:
@@ -99,22 +124,32 @@ def cli() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, engine logs included.")
 @click.option("--plugins", "allow", multiple=True, help="Load only these plugins (repeatable).")
 @click.option("--disable-plugin", "deny", multiple=True, help="Do not load this plugin (repeatable).")
+@click.option("--cors-origin", "cors", multiple=True, metavar="ORIGIN",
+              help="Allow cross-site requests from ORIGIN, e.g. http://localhost:3000 (repeatable; "
+                   "GALLAMA_CORS_ORIGINS). Default: none.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text (default) or one JSON object per line (GALLAMA_LOG_FORMAT).")
 def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | None, verbose: bool,
-        allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+        allow: tuple[str, ...], deny: tuple[str, ...], cors: tuple[str, ...], log_format: str | None) -> None:
     """Serve MODEL (an entry of model_config.yaml), the -id models, or the embedded default model.
 
     One gateway on HOST:PORT routes requests by model name to one worker process per model (the same model
     given twice: two replicas, balanced by outstanding requests). Models can be added and removed at run time
-    (POST /add_model, /remove_model).
+    (POST /add_model, /remove_model). Keys: GALLAMA_API_KEYS, GALLAMA_ADMIN_KEY and 'gallama keys'.
     """
     import uvicorn
 
+    from .gateway.access import Access
     from .gateway.app import create_gateway
+    from .gateway.http import HeadDeadlineH11
     from .gateway.pool import Pool
+    from .keys import KeyStore
+    from .logformat import configure
     from .protocol.limits import CLIENT_KEEP_ALIVE_S, MAX_HEADER_BYTES
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    json_logs = (log_format or settings.log_format) == "json"
+    configure(logging.DEBUG if verbose else logging.INFO, json_logs)
     try:
         specs = resolve_specs(settings, model, ids)
     except ConfigError as error:
@@ -137,8 +172,12 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
         served = ", ".join(g.name + (f" (aliases: {', '.join(g.aliases)})" if g.aliases else "") for g in groups)
         console.print(f"[green]ready:[/green] {address}/v1 serves {escape(served)}", highlight=False, soft_wrap=True)
 
+    store = KeyStore(settings.home, settings.api_keys, settings.admin_key)
+    origins = [*cors, *(o.strip() for o in (settings.cors_origins or "").split(",") if o.strip())]
+    _say_who_may_call(store, bind_host)
     pool = Pool(worker_env, on_state=show)
-    app = create_gateway(pool, settings.home, settings.admin_key, initial=specs, on_ready=ready)
+    app = create_gateway(pool, settings.home, Access(store), initial=specs, on_ready=ready,
+                         max_queue=settings.max_queue, cors_origins=origins)
     console.print(f"gateway on {address}; loading {', '.join(s.name for s in specs)}", highlight=False,
                   soft_wrap=True)
     # h11, not httptools: h11 caps a request head (h11_max_incomplete_event_size; larger: 400 and closed), while
@@ -146,8 +185,10 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     # CLIENT_KEEP_ALIVE_S; bodies are bounded in read_json (size, time); on shutdown, open streams get
     # STREAM_SHUTDOWN_GRACE_S (< timeout_graceful_shutdown), then end with an error event
     config = uvicorn.Config(app, host=bind_host, port=bind_port, log_level="debug" if verbose else "info",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=CLIENT_KEEP_ALIVE_S, http="h11",
-                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+                            log_config=None, access_log=False,  # the gateway logs each request itself
+                            timeout_graceful_shutdown=5, timeout_keep_alive=CLIENT_KEEP_ALIVE_S,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            http=HeadDeadlineH11)  # request heads within HEADER_TIMEOUT_S (slow clients)
 
     class GatewayServer(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
@@ -331,6 +372,9 @@ def list_downloaded(as_json: bool) -> None:
         table.add_row(escape(row["name"]), escape(row["backend"]), size, escape(where),
                       style="" if row["path"] else "red")
     Console().print(table)
+
+
+cli.add_command(keys_group)
 
 
 def main() -> None:

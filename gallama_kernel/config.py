@@ -45,8 +45,14 @@ class Settings(BaseSettings):
     port: int = 8000
     plugins: str | None = Field(default=None, description="Comma-separated allowlist of plugin names.")
     disable_plugins: str | None = Field(default=None, description="Comma-separated blocklist.")
-    admin_key: str | None = Field(default=None, description="Bearer key for /add_model, /remove_model, "
-                                  "/list_loaded_models; unset: open.")
+    admin_key: str | None = Field(default=None, description="Admin key: model management and /metrics (with "
+                                  "the key file's admin keys; see 'gallama keys').")
+    api_keys: str | None = Field(default=None, description="Comma-separated inference keys (with the key file's; "
+                                 "none anywhere: inference is open).")
+    cors_origins: str | None = Field(default=None, description="Comma-separated origins allowed cross-site "
+                                     "(CORS); unset: none.")
+    max_queue: int = Field(default=64, ge=0, description="Requests a replica holds beyond its slots; more: 429.")
+    log_format: Literal["text", "json"] = Field(default="text", description="Log lines as text or JSON.")
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, gt=0, description="Largest request body (bytes); "
                                 "larger: 413.")
     body_timeout_s: float = Field(default=BODY_TIMEOUT_S, gt=0, description="Seconds a client may take to send "

@@ -34,8 +34,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         # 408/413 are answered before the body was read to its end: the connection cannot carry another request
-        headers = {"connection": "close"} if error.status in (408, 413) else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        headers = {**(error.headers or {}), **({"connection": "close"} if error.status in (408, 413) else {})}
+        return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:

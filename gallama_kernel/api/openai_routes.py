@@ -7,7 +7,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -179,7 +179,12 @@ class ClientDisconnected(APIError):
     type = "client_disconnected"
 
 
-def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventStream:
+def sse(chunks: AsyncIterator[dict[str, Any]],
+        usage: Callable[[], dict[str, Any] | None] | None = None) -> EventStream:
+    """The chunks as server-sent events, then ``[DONE]``. ``usage``: the stream's usage once it ended, written
+    just before ``[DONE]`` as an SSE comment (``: usage {...}``), which clients ignore and the gateway reads
+    for quotas, metrics and its log whether or not the client asked for usage."""
+
     def event(payload: Any) -> bytes:
         return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -193,6 +198,9 @@ def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventStream:
             yield event(internal_error_body("a stream", error))
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]  # on disconnect too: ends the generation
+        report = usage() if usage is not None else None
+        if report is not None:
+            yield b": usage " + json.dumps(report, separators=(",", ":")).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     return EventStream(events())
@@ -206,7 +214,7 @@ def build_router(service: ChatService, host: PluginHost) -> APIRouter:
         body = validate_request(ChatCompletionRequest, await read_json(request), host.request_fields)
         prepared = await service.prepare_chat_async(body)
         if body.stream:
-            return sse(service.chat_chunks(prepared, body.include_usage))
+            return sse(service.chat_chunks(prepared, body.include_usage), lambda: prepared.final_usage)
         return await unless_disconnected(request, service.chat_completion(prepared))
 
     @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest, host))
@@ -214,7 +222,7 @@ def build_router(service: ChatService, host: PluginHost) -> APIRouter:
         body = validate_request(CompletionRequest, await read_json(request), host.request_fields)
         prepared = await service.prepare_completion_async(body)
         if body.stream:
-            return sse(service.completion_chunks(prepared, body.include_usage))
+            return sse(service.completion_chunks(prepared, body.include_usage), lambda: prepared.final_usage)
         return await unless_disconnected(request, service.completion(prepared))
 
     @router.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))

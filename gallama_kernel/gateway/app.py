@@ -3,7 +3,10 @@ proxies streams chunk by chunk as they arrive, and manages models at run time.
 
 Endpoints besides the OpenAI ones: ``POST /add_model`` (one spec or a list; ``?wait=true`` answers once
 loaded), ``POST /remove_model`` (drains in-flight requests first), ``GET /list_loaded_models`` (state of
-every model and replica). With ``GALLAMA_ADMIN_KEY`` set, those three need ``Authorization: Bearer <key>``.
+every model and replica). Keys, quotas, request ids and the request log: see access.py. ``/health`` is 503 while
+no model can serve or one has failed (``/health/live``: 200 while the process runs); ``/v1/models`` lists the
+models that can serve now. Each replica takes at most its slots plus ``max_queue`` requests; beyond, a 429 with
+``Retry-After``.
 
 Hostile input (limits in protocol/limits.py): every POST takes only ``application/json`` (else 415: a web page
 cannot post ``text/plain`` or a form cross-site to a local gateway); bodies are bounded while they arrive
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -27,20 +29,29 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..api.errors import install_error_handlers
 from ..api.openai_routes import check_content_type, parse_json, read_body, read_json, unless_disconnected
 from ..api.streaming import EventStream
 from ..config import ConfigError, ModelSpec, build_spec, check_model_path, check_served_name, load_model_config
-from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
+from ..keys import KeyStore
+from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, TooManyRequests, error_body
 from . import mixture
+from .access import REQUEST_ID_HEADER, Access, CallRecord, RequestLog, printable, record_of
+from .metrics import CONTENT_TYPE, Metrics
 from .pool import Pool, Worker
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("gallama.gateway")
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MAX_QUEUE = 64
+"""Requests a replica may hold beyond its slots (waiting for one); more: 429 (``GALLAMA_MAX_QUEUE``)."""
+USAGE_COMMENT = b": usage "
+"""A worker ends each stream with this SSE comment and the request's usage as JSON, for the gateway's quotas,
+metrics and log; the gateway does not relay it."""
 GATEWAY_KEEP_ALIVE_S = 30.0
 WORKER_HEALTH_TIMEOUT_S = 5.0
 STREAM_SHUTDOWN_GRACE_S = 2.0
@@ -57,22 +68,19 @@ class LoadFailed(APIError):
     type = "invalid_request_error"
 
 
-class Unauthorized(APIError):
-    status = 401
-    type = "invalid_request_error"
-
-
 class Gateway:
     """The pool plus the HTTP clients that talk to its workers."""
 
-    def __init__(self, pool: Pool, home: Any, admin_key: str | None = None) -> None:
+    def __init__(self, pool: Pool, home: Any, access: Access | None = None, max_queue: int = MAX_QUEUE) -> None:
         self.pool = pool
         self.home = home
-        self.admin_key = admin_key
+        self.access = access if access is not None else Access(KeyStore(home, None, None))
+        self.max_queue = max_queue
+        self.metrics = Metrics()
         # proxied requests and health checks (see upstream.py). Idle connections to workers are dropped by this
         # side first (workers keep them WORKER_KEEP_ALIVE_S): never a request written into a connection the worker
         # is closing
-        self.upstream = UpstreamClient(GATEWAY_KEEP_ALIVE_S)
+        self.upstream = UpstreamClient(GATEWAY_KEEP_ALIVE_S, pool.worker_secret)
         self.stopping: asyncio.Event | None = None
 
     def begin_shutdown(self) -> None:
@@ -91,12 +99,20 @@ class Gateway:
         return f"\n\ndata: {json.dumps(SHUTTING_DOWN)}\n\ndata: [DONE]\n\n".encode()
 
     def check_admin(self, request: Request) -> None:
-        if not self.admin_key:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.admin_key.encode()):
-            raise Unauthorized("This endpoint needs the admin key (Authorization: Bearer <key>).",
-                               code="invalid_api_key")
+        """401/403 unless the request carries an admin key (when any key is configured)."""
+        principal = self.access.authorize(request.headers, "admin")
+        record = record_of(request.scope)
+        if record is not None and principal is not None:
+            record.key_id = principal.key_id
+
+    def pick(self, group: Any) -> Worker:
+        """The replica for the next request of ``group``; 429 when every replica's slots and queue are full."""
+        worker = self.pool.pick(group)
+        if worker.slots and worker.outstanding >= worker.slots + self.max_queue:
+            raise TooManyRequests(f"The model '{group.name}' is busy: {worker.outstanding} requests are running or "
+                                  f"waiting on each replica (limit {worker.slots} running + {self.max_queue} "
+                                  "waiting). Retry shortly.", code="queue_full", headers={"Retry-After": "1"})
+        return worker
 
     def specs_from(self, body: Any) -> list[ModelSpec]:
         """Validate ``/add_model`` bodies: one spec object or a list of them (keys as in ``-id``)."""
@@ -114,8 +130,10 @@ class Gateway:
         return specs
 
     # -- proxying ------------------------------------------------------------------------------------------
-    async def forward(self, worker: Worker, path: str, body: bytes, stream: bool) -> Response:
-        """Send ``body`` to ``worker``; the response (SSE included) goes back as it arrives."""
+    async def forward(self, worker: Worker, path: str, body: bytes, stream: bool,
+                      record: CallRecord | None = None) -> Response:
+        """Send ``body`` to ``worker``; the response (SSE included) goes back as it arrives. Its usage is added
+        to ``record``."""
         worker.outstanding += 1
         released = False
 
@@ -126,7 +144,8 @@ class Gateway:
                 worker.outstanding -= 1
 
         try:
-            upstream = await self.upstream.post("127.0.0.1", worker.port or 0, path, body)
+            headers = {REQUEST_ID_HEADER: record.request_id} if record is not None else None
+            upstream = await self.upstream.post("127.0.0.1", worker.port or 0, path, body, headers=headers)
         except UpstreamError as error:
             release()
             raise ServiceUnavailable(f"The model '{worker.spec.name}' is unavailable ({error}); it is being "
@@ -144,13 +163,24 @@ class Gateway:
             finally:
                 upstream.close()
                 release()
+            if record is not None and upstream.status == 200:
+                with contextlib.suppress(ValueError, AttributeError):
+                    record.count(json.loads(data).get("usage"))
             return Response(data, status_code=upstream.status, media_type=content_type)
 
         async def relay() -> AsyncIterator[bytes]:
             try:
                 async for piece in upstream.pieces():
+                    if piece.startswith(USAGE_COMMENT):  # the worker's report for this side only
+                        if record is not None:
+                            with contextlib.suppress(ValueError):
+                                record.count(json.loads(piece[len(USAGE_COMMENT):]))
+                        continue
+                    if record is not None and piece.startswith(b"data: {") and not _opening_chunk(piece):
+                        record.chunk()
                     yield piece
-            except UpstreamError:
+            except UpstreamError as error:
+                log.warning("the worker serving %s failed during a stream: %s", worker.spec.name, error)
                 failure = error_body(f"The worker serving '{worker.spec.name}' failed during the stream; it is "
                                      "being restarted.", "server_error", code="worker_failed")
                 yield f"\n\ndata: {json.dumps(failure)}\n\ndata: [DONE]\n\n".encode()
@@ -165,6 +195,11 @@ class Gateway:
         await self.pool.close()
 
 
+def _opening_chunk(piece: bytes) -> bool:
+    """A chat stream's first chunk (the role, no text yet): it goes out before generation starts."""
+    return b'"role":"assistant","content":""' in piece and b'"finish_reason":null' in piece
+
+
 def checked_spec(spec: ModelSpec, source: str) -> ModelSpec:
     """``spec`` if its served name is plain (:func:`check_served_name`) and its model path is one its backend can
     load (:func:`check_model_path`: a FIFO or device never reaches a worker); else :class:`InvalidRequest`."""
@@ -177,11 +212,13 @@ def checked_spec(spec: ModelSpec, source: str) -> ModelSpec:
     return spec
 
 
-def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial: list[ModelSpec] | None = None,
-                   on_ready: Callable[[list[Any]], None] | None = None) -> FastAPI:
+def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial: list[ModelSpec] | None = None,
+                   on_ready: Callable[[list[Any]], None] | None = None, max_queue: int = MAX_QUEUE,
+                   cors_origins: list[str] | None = None) -> FastAPI:
     """The gateway app; ``initial`` models are loaded before it accepts connections (a failure aborts start), then
-    ``on_ready`` gets their groups."""
-    gateway = Gateway(pool, home, admin_key)
+    ``on_ready`` gets their groups. ``access``: keys and quotas (default: the key file under ``home`` only).
+    ``cors_origins``: the origins whose pages may call it (preflights answered, headers set); none by default."""
+    gateway = Gateway(pool, home, access, max_queue)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -208,8 +245,19 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial:
     app = FastAPI(title="gallama", version=__version__, lifespan=lifespan)
     app.state.gateway = gateway
     install_error_handlers(app)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-api-key", REQUEST_ID_HEADER,
+                                          "anthropic-version", "openai-organization", "openai-project"],
+                           expose_headers=[REQUEST_ID_HEADER, "retry-after"], max_age=600)
+    # outermost: every request has an id, a log line and its metrics, preflights too
+    app.add_middleware(RequestLog, observers=[gateway.metrics.observe])
 
     async def route(request: Request, path: str) -> Response:
+        principal = gateway.access.authorize(request.headers, "inference")  # before the body is read
+        record = record_of(request.scope)
+        if record is not None and principal is not None:
+            record.key_id = principal.key_id
         check_content_type(request)
         raw = await read_body(request)
         body = parse_json(raw)
@@ -219,13 +267,17 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial:
         if not isinstance(name, str):
             raise InvalidRequest("Invalid value for 'model': a model name is required.", param="model")
         group = pool.get(name)
+        gateway.access.check_model(principal, [group.name, *group.aliases], name)
+        if record is not None:
+            record.model = printable(group.name)
+        gateway.access.admit(principal, record)
         stream = body.get("stream") is True
         if path == "/v1/chat/completions" and "mixture_of_agents" in body:
-            return await mixture.serve(gateway, request, body, group)
-        worker = pool.pick(group)
+            return await mixture.serve(gateway, request, body, group, principal, record)
+        worker = gateway.pick(group)
         if stream:
-            return await gateway.forward(worker, path, raw, stream)
-        return await unless_disconnected(request, gateway.forward(worker, path, raw, stream))
+            return await gateway.forward(worker, path, raw, stream, record)
+        return await unless_disconnected(request, gateway.forward(worker, path, raw, stream, record))
 
     def endpoint(path: str) -> Any:
         async def proxied(request: Request) -> Response:
@@ -242,21 +294,51 @@ def create_gateway(pool: Pool, home: Any, admin_key: str | None = None, initial:
                 "replicas": len(group.workers)}
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [card(g) for g in pool.all() if not g.removing]}
+    async def list_models(request: Request) -> dict[str, Any]:
+        """The models that can serve now (a ready replica), and that the caller's key may use."""
+        principal = gateway.access.authorize(request.headers, "inference")
+        if (record := record_of(request.scope)) is not None and principal is not None:
+            record.key_id = principal.key_id
+        return {"object": "list", "data": [card(g) for g in pool.all() if g.state == "ready"
+                                           and gateway.access.visible(principal, [g.name, *g.aliases])]}
 
     @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> dict[str, Any]:
-        return card(pool.get(model))
+    async def get_model(request: Request, model: str) -> dict[str, Any]:
+        principal = gateway.access.authorize(request.headers, "inference")
+        group = pool.get(model)
+        gateway.access.check_model(principal, [group.name, *group.aliases], model)
+        return card(group)
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Readiness: 200 when every model (but those being removed) has a ready replica and no replica has
+        failed; else 503, with the same body saying which."""
         models: dict[str, Any] = {}
         for group in pool.all():
             replicas = await asyncio.gather(*(_worker_health(gateway, w) for w in group.workers))
             models[group.name] = _merge_health(group.state, replicas)
         ok = all(m["status"] == "ok" for m in models.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "models": models})
+        kept = [m for m in models.values() if m["status"] != "removing"]
+        failed = any(r.get("status") in ("failed", "unreachable") for m in kept for r in m["replicas"])
+        ready = bool(kept) and all(m["status"] == "ok" for m in kept) and not failed
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": models},
+                            status_code=200 if ready else 503)
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """Liveness: 200 while the gateway process answers."""
+        return {"status": "alive"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of the gateway and its workers (admin scope once keys exist)."""
+        gateway.check_admin(request)
+        replicas = []
+        for group in pool.all():
+            healths = await asyncio.gather(*(_worker_health(gateway, w) for w in group.workers))
+            replicas += [(group.name, w.replica, w.state, w.restarts, h) for w, h in zip(group.workers, healths,
+                                                                                      strict=True)]
+        return Response(gateway.metrics.render(replicas), media_type=CONTENT_TYPE)
 
     @app.get("/list_loaded_models")
     async def list_loaded(request: Request) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from ..protocol.limits import MAX_MIXTURE_AGENTS
 from .pool import shorten
 
 if TYPE_CHECKING:
+    from ..keys import Principal
+    from .access import CallRecord
     from .app import Gateway
     from .pool import ModelGroup
 
@@ -44,13 +46,17 @@ def _agents(body: dict[str, Any]) -> list[str]:
     return agents
 
 
-async def _ask(gateway: Gateway, name: str, body: dict[str, Any]) -> dict[str, Any]:
-    """One agent's reply as a report entry: ``{"model", "content", "usage"}`` or ``{"model", "error"}``."""
+async def _ask(gateway: Gateway, name: str, body: dict[str, Any], principal: Principal | None,
+               record: CallRecord | None) -> dict[str, Any]:
+    """One agent's reply as a report entry: ``{"model", "content", "usage"}`` or ``{"model", "error"}``. Its
+    tokens count towards the request's (``record``); the caller's key must allow the agent's model too."""
     try:
         group = gateway.pool.get(name)
-        worker = gateway.pool.pick(group)
+        gateway.access.check_model(principal, [group.name, *group.aliases], name)
+        worker = gateway.pick(group)
         payload = {k: v for k, v in body.items() if k not in AGENT_DROPS} | {"model": name}
-        response = await gateway.forward(worker, "/v1/chat/completions", json.dumps(payload).encode(), False)
+        response = await gateway.forward(worker, "/v1/chat/completions", json.dumps(payload).encode(), False,
+                                         record)
         data = json.loads(bytes(response.body))
         if response.status_code != 200:
             message = data.get("error", {}).get("message") if isinstance(data, dict) else None
@@ -75,18 +81,20 @@ def _with_replies(messages: list[Any], replies: list[dict[str, Any]]) -> list[An
     return [{"role": "system", "content": text}, *messages]
 
 
-async def serve(gateway: Gateway, request: Request, body: dict[str, Any], group: ModelGroup) -> Response:
+async def serve(gateway: Gateway, request: Request, body: dict[str, Any], group: ModelGroup,
+                principal: Principal | None = None, record: CallRecord | None = None) -> Response:
     agents = _agents(body)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("Invalid value for 'messages': a list is required.", param="messages")
     # the agents' requests are cancelled (their generations aborted) when the client leaves
-    replies = await unless_disconnected(request, asyncio.gather(*(_ask(gateway, name, body) for name in agents)))
+    replies = await unless_disconnected(request, asyncio.gather(*(_ask(gateway, name, body, principal, record)
+                                                                         for name in agents)))
     final = {k: v for k, v in body.items() if k != FIELD} | {"messages": _with_replies(messages, replies)}
-    worker = gateway.pool.pick(group)
+    worker = gateway.pick(group)
     raw = json.dumps(final).encode()
     if body.get("stream") is True:
-        response = await gateway.forward(worker, "/v1/chat/completions", raw, True)
+        response = await gateway.forward(worker, "/v1/chat/completions", raw, True, record)
         if not isinstance(response, EventStream):
             return response
         report = {"object": "chat.completion.chunk", "model": group.name, "choices": [], FIELD: replies}
@@ -100,7 +108,8 @@ async def serve(gateway: Gateway, request: Request, body: dict[str, Any], group:
                 await response.events.aclose()  # type: ignore[attr-defined]  # releases the worker's stream
 
         return EventStream(with_report(), status_code=response.status_code, ended_by=gateway.shutdown_notice)
-    response = await unless_disconnected(request, gateway.forward(worker, "/v1/chat/completions", raw, False))
+    response = await unless_disconnected(request, gateway.forward(worker, "/v1/chat/completions", raw, False,
+                                                                  record))
     if response.status_code != 200:
         return response
     data = json.loads(bytes(response.body))

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 from ..config import ModelSpec
 from ..protocol.errors import APIError, ModelNotFound, ServiceUnavailable
 from ..protocol.limits import MAX_RELAYED_ERROR_CHARS
-from .worker import FAILED, READY
+from .worker import FAILED, READY, SECRET_ENV
 
 log = logging.getLogger("gallama.gateway")
 
@@ -55,6 +56,7 @@ class Worker:
     port: int | None = None
     pid: int | None = None
     outstanding: int = 0
+    slots: int | None = None  # requests it runs at once, as its READY line said
     restarts: int = 0
     error: str | None = None
     ready_at: float | None = None
@@ -113,7 +115,10 @@ class Pool:
                  on_state: Callable[[Worker, str], None] | None = None) -> None:
         self.groups: dict[str, ModelGroup] = {}
         self._lookup: dict[str, str] = {}
-        self.worker_env = {**os.environ, **(worker_env or {})}
+        # a secret per run: workers answer only requests that carry it, so nobody reaches a model around the
+        # gateway's keys by calling a worker's port directly
+        self.worker_secret = secrets.token_urlsafe(32)
+        self.worker_env = {**os.environ, **(worker_env or {}), SECRET_ENV: self.worker_secret}
         self.on_state = on_state
         self._rotation = itertools.count()
         self._closing = False
@@ -249,6 +254,7 @@ class Pool:
                 if kind == READY:
                     info = json.loads(payload)
                     worker.port, worker.pid = int(info["port"]), int(info.get("pid", process.pid))
+                    worker.slots = info.get("slots") if isinstance(info.get("slots"), int) else None
                     worker.ready_at = time.monotonic()
                     worker.error = None
                     self._set(worker, "ready")

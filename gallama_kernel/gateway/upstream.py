@@ -92,23 +92,31 @@ class UpstreamResponse:
             connection.close()
 
 
+WORKER_SECRET_HEADER = "x-gallama-worker-secret"
+"""Every request to a worker carries its gateway's per-run secret: a worker answers nobody else (see worker.py)."""
+
+
 class UpstreamClient:
-    def __init__(self, keepalive_s: float) -> None:
+    def __init__(self, keepalive_s: float, secret: str | None = None) -> None:
         self.keepalive_s = keepalive_s
+        self.secret = secret
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._pruned_at = time.monotonic()
 
-    async def post(self, host: str, port: int, path: str, body: bytes,
-                   content_type: str = "application/json") -> UpstreamResponse:
-        return await self.request("POST", host, port, path, body, content_type)
+    async def post(self, host: str, port: int, path: str, body: bytes, content_type: str = "application/json",
+                   headers: dict[str, str] | None = None) -> UpstreamResponse:
+        return await self.request("POST", host, port, path, body, content_type, headers)
 
     async def get(self, host: str, port: int, path: str) -> UpstreamResponse:
         return await self.request("GET", host, port, path)
 
     async def request(self, method: str, host: str, port: int, path: str, body: bytes = b"",
-                      content_type: str = "application/json") -> UpstreamResponse:
+                      content_type: str = "application/json",
+                      headers: dict[str, str] | None = None) -> UpstreamResponse:
+        extra = {**({WORKER_SECRET_HEADER: self.secret} if self.secret else {}), **(headers or {})}
+        lines = "".join(f"{name}: {value}\r\n" for name, value in extra.items())  # values are the gateway's own
         head = (f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: {content_type}\r\n"
-                f"content-length: {len(body)}\r\n\r\n").encode()
+                f"content-length: {len(body)}\r\n{lines}\r\n").encode()
         address = (host, port)
         if time.monotonic() - self._pruned_at > self.keepalive_s:
             self._prune()

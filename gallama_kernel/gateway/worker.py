@@ -3,20 +3,24 @@
 Started by the gateway as ``python -m gallama_kernel.gateway.worker SPEC_JSON``. It loads the model, binds
 ``127.0.0.1:0``, prints one line ``READY {"port": N}`` on stdout (or ``FAILED {"error": "..."}``) and serves
 the single-model app. It exits when its stdin closes: the gateway holds the other end, so a worker never
-outlives its gateway, even one killed with ``kill -9``.
+outlives its gateway, even one killed with ``kill -9``. It answers only requests carrying the gateway's per-run
+secret (``GALLAMA_WORKER_SECRET``), so the gateway's keys cannot be bypassed through the worker's port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
 import socket
 import sys
 import threading
+from typing import Any
 
 READY = "READY"
+SECRET_ENV = "GALLAMA_WORKER_SECRET"  # the gateway's per-run secret (see upstream.WORKER_SECRET_HEADER)
 WORKER_KEEP_ALIVE_S = 300  # longer than the gateway keeps idle connections: the gateway always closes first
 FAILED = "FAILED"
 
@@ -38,6 +42,29 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="gallama-parent-watch", daemon=True).start()
+
+
+def _only_with_secret(app: Any, secret: str) -> Any:
+    """``app`` behind a check of the gateway's secret header: anything else is a 403 in OpenAI's shape."""
+    from ..protocol.errors import error_body
+    from .upstream import WORKER_SECRET_HEADER
+
+    expected = secret.encode()
+    refusal = json.dumps(error_body("This port serves the gallama gateway only; send requests to the gateway.",
+                                    "invalid_request_error", code="worker_port")).encode()
+
+    async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(WORKER_SECRET_HEADER.encode(), b"")
+            if not hmac.compare_digest(given, expected):
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(refusal)).encode())]})
+                await send({"type": "http.response.body", "body": refusal})
+                return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(512)
+    secret = os.environ.pop(SECRET_ENV, "")
     app = create_app(registry, host)
-    config = uvicorn.Config(app, log_level="debug" if verbose else "warning", access_log=verbose,
+    guarded = _only_with_secret(app, secret) if secret else app
+    config = uvicorn.Config(guarded, log_level="debug" if verbose else "warning", access_log=verbose,
                             timeout_graceful_shutdown=5, timeout_keep_alive=WORKER_KEEP_ALIVE_S)
     server = uvicorn.Server(config)
 
@@ -81,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
         if server.started:
-            _announce(READY, {"port": sock.getsockname()[1], "pid": os.getpid()})
+            slots = [model.backend.capabilities.max_concurrency for model in registry.all()]
+            _announce(READY, {"port": sock.getsockname()[1], "pid": os.getpid(), "slots": sum(slots)})
         await task
 
     loop_factory = getattr(config, "get_loop_factory", lambda: None)()  # uvloop where installed, as uvicorn.run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 
 import llguidance
@@ -41,6 +42,8 @@ class MatcherCache:
         self._compiled: OrderedDict[str, llguidance.LLMatcher | str] = OrderedDict()  # key -> matcher or error
         self._lock = threading.Lock()
         self.compilations = 0  # grammars compiled so far (cache misses)
+        self.hits = 0  # grammars found compiled
+        self.compile_seconds = 0.0  # time spent compiling, all grammars together
 
     def _pristine(self, grammar: Grammar) -> llguidance.LLMatcher:
         """The cached compiled matcher of ``grammar`` (never advanced); compiles on a miss.
@@ -53,11 +56,13 @@ class MatcherCache:
             cached = self._compiled.get(key)
             if cached is not None:
                 self._compiled.move_to_end(key)
+                self.hits += 1
         if cached is None:
             problem = grammar_budget_error(grammar.llguidance, user=False)  # native code must never see these
             if problem is not None:
                 raise GrammarError(f"The {grammar.description} cannot be enforced: {problem}", param="grammar",
                                    code="grammar_too_large")
+            started = time.perf_counter()
             try:
                 matcher = llguidance.LLMatcher(self.tokenizer, grammar.llguidance, log_level=0,
                                                limits=matcher_limits())
@@ -71,6 +76,7 @@ class MatcherCache:
                     log.debug("grammar warning (%s): %s", grammar.description, warning)
             with self._lock:
                 self.compilations += 1
+                self.compile_seconds += time.perf_counter() - started
                 self._compiled[key] = cached
                 while len(self._compiled) > self.cache_size:
                     self._compiled.popitem(last=False)
@@ -78,6 +84,11 @@ class MatcherCache:
             raise GrammarError(f"The {grammar.description} cannot be enforced: {cached}",
                                param="grammar", code="invalid_grammar")
         return cached
+
+    def stats(self) -> dict[str, float]:
+        """Counters for health and metrics: compilations, cache hits, seconds spent compiling."""
+        return {"grammar_compilations": self.compilations, "grammar_cache_hits": self.hits,
+                "grammar_compile_seconds": round(self.compile_seconds, 6)}
 
     def validate(self, grammar: Grammar) -> None:
         """Raise :class:`GrammarError` (a 400 with llguidance's message) unless ``grammar`` compiles.

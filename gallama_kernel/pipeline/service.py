@@ -168,6 +168,7 @@ class Prepared:
     passes: list[PreparedPass] = field(default_factory=list)
     requested_tokens: int | None = None
     emit_interval_s: float = math.inf  # set for streams from the backend's stream_interval_s
+    final_usage: dict[str, Any] | None = None  # a stream's usage once it finished (asked for or not)
 
     def streaming(self) -> Prepared:
         """Mark the response as streamed: text is emitted as the backend's stream interval allows."""
@@ -401,6 +402,7 @@ class ChatService:
             for delta in deltas:
                 yield chunk(delta)
             if finish is not None:
+                prepared.final_usage = usage(event)
                 yield chunk(prepared.annotate({}), finish)
                 if include_usage:
                     yield {"id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
@@ -462,6 +464,8 @@ class ChatService:
         if prepared.echo:
             yield self._completion_body(prepared, prepared.echo, None)
         async for event in prepared.events():
+            if event.finish_reason:
+                prepared.final_usage = usage(event)
             if event.text or event.finish_reason:
                 yield self._completion_body(prepared, event.text, event.finish_reason)
             if event.finish_reason and include_usage:

@@ -11,11 +11,13 @@ class APIError(Exception):
     status = 500
     type = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # sent with the response (Retry-After, WWW-Authenticate)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -38,6 +40,27 @@ class ModelNotFound(APIError):
 class NotFound(APIError):
     status = 404
     type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    """No key, or a key the server does not know."""
+
+    status = 401
+    type = "invalid_request_error"
+
+
+class Forbidden(APIError):
+    """A known key that may not do this (its scope, or the model)."""
+
+    status = 403
+    type = "invalid_request_error"
+
+
+class TooManyRequests(APIError):
+    """A quota or a queue is full: ``headers`` carry ``Retry-After``."""
+
+    status = 429
+    type = "rate_limit_error"
 
 
 class ServiceUnavailable(APIError):

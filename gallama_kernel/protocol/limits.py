@@ -50,3 +50,8 @@ MAX_HEADER_BYTES = 64 * 1024
 
 CLIENT_KEEP_ALIVE_S = 30
 """Seconds the gateway keeps an idle keep-alive client connection open."""
+
+HEADER_TIMEOUT_S = 10.0
+"""Seconds a client has to send a request's head (request line and headers), from its connection's start or its
+first byte after the previous response; slower: the connection is closed (a client dribbling header bytes would
+otherwise hold it for ever, since each byte resets the keep-alive timer)."""

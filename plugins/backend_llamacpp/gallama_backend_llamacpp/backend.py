@@ -291,7 +291,8 @@ class LlamaCppBackend(Backend):
         alive = self.engine.thread.is_alive()
         drafter = self.engine.drafter
         named = {"draft_model": drafter.name} if drafter is not None else {}
-        return {"status": "ok" if alive else "failed", **self.engine.stats(), **named}
+        grammars = self.grammars.stats() if self.grammars is not None else {}
+        return {"status": "ok" if alive else "failed", **self.engine.stats(), **grammars, **named}
 
     def close(self) -> None:
         if self.engine is not None:
