@@ -58,10 +58,13 @@ TINY_LLAMA = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers":
               "num_key_value_heads": 2, "max_position_embeddings": 2048}
 
 
-def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+def make_tiny_llama(path: Path, seed: int = 0, context: int | None = None) -> Path:
     """A model folder exllamav2 can load: a 2-layer Llama with random FP16 weights (~1 MB) on the byte-level
     tokenizer above, for GPU tests on machines that cannot download a model. Its text is noise; what it checks
-    is the plumbing: loading, generation, grammar masks, stop strings, cache reuse, concurrency."""
+    is the plumbing: loading, generation, grammar masks, stop strings, cache reuse, concurrency.
+
+    ``context``: its ``max_position_embeddings`` (default 2048). The byte-level tokenizer spends about one token
+    per byte, so prompts that carry tool schemas or a feature's instructions need a longer one."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -73,7 +76,8 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     (path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": N_VOCAB, "hidden_act": "silu",
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float16",
-        "bos_token_id": END_ID, "eos_token_id": END_ID, **c}))
+        "bos_token_id": END_ID, "eos_token_id": END_ID, **c,
+        "max_position_embeddings": context or c["max_position_embeddings"]}))
     rng = np.random.default_rng(seed)
 
     def weight(*shape: int) -> np.ndarray:
