@@ -209,7 +209,7 @@ def sse(chunks: AsyncIterator[dict[str, Any]],
 def build_router(service: ChatService, host: PluginHost) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest, host))
+    @router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest, host))
     async def chat_completions(request: Request) -> Any:
         body = validate_request(ChatCompletionRequest, await read_json(request), host.request_fields)
         prepared = await service.prepare_chat_async(body)
@@ -217,7 +217,7 @@ def build_router(service: ChatService, host: PluginHost) -> APIRouter:
             return sse(service.chat_chunks(prepared, body.include_usage), lambda: prepared.final_usage)
         return await unless_disconnected(request, service.chat_completion(prepared))
 
-    @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest, host))
+    @router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest, host))
     async def completions(request: Request) -> Any:
         body = validate_request(CompletionRequest, await read_json(request), host.request_fields)
         prepared = await service.prepare_completion_async(body)
@@ -225,7 +225,7 @@ def build_router(service: ChatService, host: PluginHost) -> APIRouter:
             return sse(service.completion_chunks(prepared, body.include_usage), lambda: prepared.final_usage)
         return await unless_disconnected(request, service.completion(prepared))
 
-    @router.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    @router.post("/v1/embeddings", openapi_extra=body_schema(EmbeddingRequest))
     async def embeddings(request: Request) -> JSONResponse:
         body = validate_request(EmbeddingRequest, await read_json(request), {})
         return JSONResponse(await unless_disconnected(request, create_embeddings(service.registry, body)))
@@ -255,10 +255,16 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-def _body_schema(model: Any, host: PluginHost | None = None) -> dict[str, Any]:
-    """The request schema for the OpenAPI document, with the fields plugins declared (given ``host``)."""
+def body_schema(model: Any, host: PluginHost | None = None) -> dict[str, Any]:
+    """The request schema for the OpenAPI document (the worker's, and the gateway's for the routes it relays),
+    with the fields plugins declared (given ``host``)."""
     schema = model.model_json_schema()
     schema = _inline_refs(schema, schema.pop("$defs", {}))
     for field in host.request_fields.values() if host is not None else ():
         schema.setdefault("properties", {})[field.name] = {"description": f"{field.description} ({field.plugin})"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+BODY_MODELS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+               "/v1/embeddings": EmbeddingRequest}
+"""The request model of each inference route, for documents that describe them without serving them."""

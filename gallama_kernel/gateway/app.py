@@ -33,7 +33,15 @@ from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..api.errors import install_error_handlers
-from ..api.openai_routes import check_content_type, parse_json, read_body, read_json, unless_disconnected
+from ..api.openai_routes import (
+    BODY_MODELS,
+    body_schema,
+    check_content_type,
+    parse_json,
+    read_body,
+    read_json,
+    unless_disconnected,
+)
 from ..api.streaming import EventStream
 from ..config import ConfigError, ModelSpec, build_spec, check_model_path, check_served_name, load_model_config
 from ..keys import KeyStore
@@ -285,8 +293,9 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
 
         return proxied
 
-    for path in PROXIED:
-        app.add_api_route(path, endpoint(path), methods=["POST"], name=path.rsplit("/", 1)[-1])
+    for path in PROXIED:  # documented with the workers' request schemas (fields of plugins not included)
+        app.add_api_route(path, endpoint(path), methods=["POST"], name=path.rsplit("/", 1)[-1],
+                          openapi_extra=body_schema(BODY_MODELS[path]))
 
     def card(group: Any) -> dict[str, Any]:
         return {"id": group.name, "object": "model", "created": group.created, "owned_by": "gallama",
