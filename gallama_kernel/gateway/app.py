@@ -35,6 +35,7 @@ from .. import __version__
 from ..api.errors import install_error_handlers
 from ..api.openai_routes import (
     BODY_MODELS,
+    INLINE_PARSE_BYTES,
     body_schema,
     check_content_type,
     parse_json,
@@ -268,7 +269,8 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
             record.key_id = principal.key_id
         check_content_type(request)
         raw = await read_body(request)
-        body = parse_json(raw)
+        # a large body is parsed in a thread: other clients' streams keep flowing through this loop meanwhile
+        body = parse_json(raw) if len(raw) <= INLINE_PARSE_BYTES else await asyncio.to_thread(parse_json, raw)
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
         name = body.get("model")

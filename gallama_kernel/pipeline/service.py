@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..backend import GenerationEvent, GenerationRequest, SamplingParams
 from ..grammar import Grammar
@@ -48,6 +48,7 @@ def token_budget(model: ServedModel, prompt_tokens: int, requested: int | None) 
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+T = TypeVar("T")
 _PREPARE_POOL = concurrent.futures.ThreadPoolExecutor(limits.PREPARE_THREADS, thread_name_prefix="gallama-prepare")
 
 
@@ -99,7 +100,7 @@ def check_chat_limits(request: ChatCompletionRequest) -> None:
                 "leading_prompt": request.leading_prompt or "", "stop": request.stop_list})
 
 
-async def off_loop(work: Callable[[], Prepared]) -> Prepared:
+async def off_loop(work: Callable[[], T]) -> T:
     """Run ``work`` (a request's preparation) in a preparation thread, within
     :data:`~gallama_kernel.protocol.limits.PREPARE_BUDGET_S`: past it the request is a 400 and the thread's
     result, when it comes, is dropped (a prepared request holds no engine resources). Its errors are raised

@@ -286,7 +286,8 @@ class ExLlamaBackend(Backend):
         drafting = plan.draft_path or plan.ngram_draft
         return {"status": "ok" if self.loop.thread.is_alive() else "failed", "slots": plan.max_batch_size,
                 "context_length": plan.max_seq_len, "cache_tokens": plan.cache_tokens,
-                **({"draft_model": plan.draft_name} if drafting else {}), **self.loop.stats()}
+                **({"draft_model": plan.draft_name} if drafting else {}), **self.loop.stats(),
+                **(self.grammars.stats() if self.grammars is not None else {})}
 
     def close(self) -> None:
         if self.loop is not None:
