@@ -40,7 +40,8 @@ def register_request_fields(register: Callable[[str, Any, str], None]) -> None:
     :param register: call ``register(field_name, python_type, description)``. Requests with fields that no
         plugin declared and that are not part of the OpenAI protocol are refused with a 400 naming the field.
         Declared fields are validated against ``python_type`` and reach ``prepare_request`` in
-        ``request.extensions``.
+        ``request.extensions``. They belong to chat requests: on ``/v1/completions`` and ``/v1/embeddings``,
+        which run no plugin hooks, they are refused with a 400 rather than accepted without effect.
     """
 
 

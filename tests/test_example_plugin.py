@@ -28,3 +28,19 @@ def test_example_transformer_applies_stream_and_non_stream(client):
                        client.chat.completions.create(**kwargs, stream=True, extra_body={"shout": True})
                        if c.choices)
     assert streamed == loud
+
+
+def test_plugin_fields_are_refused_where_no_hook_runs(client, server):
+    import httpx
+    import openai
+    import pytest
+
+    try:
+        client.completions.create(model="smollm2", prompt="Fruits:", max_tokens=4, extra_body={"shout": True})
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "shout" and error.body["code"] == "unsupported_parameter"
+        assert "/v1/completions" in error.body["message"] and "shout" in error.body["message"]
+    else:
+        pytest.fail("a plugin field on /v1/completions was accepted without effect")
+    embedded = httpx.post(f"{server.base_url}/v1/embeddings", json={"model": "smollm2", "input": "x", "shout": True})
+    assert embedded.status_code == 400 and embedded.json()["error"]["param"] == "shout"

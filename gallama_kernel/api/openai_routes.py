@@ -223,6 +223,16 @@ def sse(chunks: AsyncIterator[dict[str, Any]],
     return EventStream(events())
 
 
+def refuse_plugin_fields(body: Any, host: PluginHost, endpoint: str) -> None:
+    """A 400 for plugin fields on an endpoint whose requests run no plugin hooks (the hooks ``prepare_request``
+    and ``response_transformers`` take chat requests): such a field would be accepted and do nothing."""
+    for name in body.extensions:
+        field = host.request_fields[name]
+        raise InvalidRequest(f"'{name}' (declared by the plugin '{field.plugin}') applies to /v1/chat/completions "
+                             f"only: {endpoint} runs no plugin hooks, so it would have no effect.", param=name,
+                             code="unsupported_parameter")
+
+
 def build_router(service: ChatService, host: PluginHost) -> APIRouter:
     router = APIRouter()
 
@@ -237,6 +247,7 @@ def build_router(service: ChatService, host: PluginHost) -> APIRouter:
     @router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest, host))
     async def completions(request: Request) -> Any:
         body = await read_request(request, CompletionRequest, host.request_fields)
+        refuse_plugin_fields(body, host, "/v1/completions")
         prepared = await service.prepare_completion_async(body)
         if body.stream:
             return sse(service.completion_chunks(prepared, body.include_usage), lambda: prepared.final_usage)
