@@ -19,7 +19,6 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -39,16 +38,14 @@ from .config import (
     resolve_model_path,
 )
 from .keys_cli import keys_group
-from .plugins import PluginHost, create_host
+from .loading import selected_host
+from .plugins import PluginHost
 
 console = Console(stderr=True)
 
 
 def _host(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> PluginHost:
-    settings = Settings()
-    allow_list = ",".join(allow) if allow else settings.plugins
-    deny_list = ",".join(filter(None, [*deny, settings.disable_plugins or ""]))
-    return create_host(allow=allow_list, deny=deny_list)
+    return selected_host(",".join(allow) or None, ",".join(deny) or None)
 
 
 def resolve_specs(settings: Settings, name: str | None, ids: tuple[str, ...]) -> list[ModelSpec]:
@@ -60,29 +57,6 @@ def resolve_specs(settings: Settings, name: str | None, ids: tuple[str, ...]) ->
     if DEFAULT_MODEL_NAME not in config:
         config = {**config, DEFAULT_MODEL_NAME: DEFAULT_ENTRY}
     return [build_spec({"model_id": DEFAULT_MODEL_NAME}, config, "default model")]
-
-
-def load_models(specs: list[ModelSpec], host: PluginHost, quiet: bool = False) -> Any:
-    """Load ``specs`` in this process (rich progress bars unless ``quiet``)."""
-    from .pipeline.models import ModelRegistry, ServedModel
-
-    registry = ModelRegistry()
-    backends = host.backends
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False, disable=quiet) as progress:
-        for spec in specs:
-            if spec.backend not in backends:
-                failed = [f"{r.name}: {r.error}" for r in host.summaries() if r.status == "failed"]
-                hint = f"; plugins that failed to load: {'; '.join(failed)}" if failed else ""
-                raise ConfigError(f"model '{spec.name}': backend '{spec.backend}' is not available "
-                                  f"(registered: {', '.join(sorted(backends)) or 'none'}){hint}")
-            task = progress.add_task(f"loading {spec.name} ({spec.backend})", total=1.0)
-            backend = backends[spec.backend](spec)
-            backend.load(lambda fraction, task=task: progress.update(task, completed=fraction))
-            progress.update(task, completed=1.0)
-            registry.add(ServedModel(spec.name, backend, aliases=spec.aliases))
-    return registry
 
 
 def _say_who_may_call(store: Any, bind_host: str) -> None:
@@ -144,6 +118,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     from .gateway.http import HeadDeadlineH11
     from .gateway.pool import Pool
     from .keys import KeyStore
+    from .loading import PluginSelection
     from .logformat import configure
     from .protocol.limits import CLIENT_KEEP_ALIVE_S, MAX_HEADER_BYTES
 
@@ -156,10 +131,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
         console.print(f"[red]error:[/red] {escape(str(error))}")
         sys.exit(2)
     worker_env = {"GALLAMA_WORKER_VERBOSE": "1" if verbose else "0"}
-    if allow:
-        worker_env["GALLAMA_PLUGINS"] = ",".join(allow)
-    if deny:
-        worker_env["GALLAMA_DISABLE_PLUGINS"] = ",".join(filter(None, [*deny, settings.disable_plugins or ""]))
+    selection = PluginSelection(",".join(allow) or None, ",".join(deny) or None)  # passed to every worker
 
     def show(worker: Any, state: str) -> None:
         detail = f" ({worker.error})" if worker.error and state in ("failed", "restarting") else ""
@@ -175,7 +147,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     store = KeyStore(settings.home, settings.api_keys, settings.admin_key)
     origins = [*cors, *(o.strip() for o in (settings.cors_origins or "").split(",") if o.strip())]
     _say_who_may_call(store, bind_host)
-    pool = Pool(worker_env, on_state=show)
+    pool = Pool(worker_env, on_state=show, plugins=selection)
     app = create_gateway(pool, settings.home, Access(store), initial=specs, on_ready=ready,
                          max_queue=settings.max_queue, cors_origins=origins)
     console.print(f"gateway on {address}; loading {', '.join(s.name for s in specs)}", highlight=False,

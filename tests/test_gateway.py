@@ -178,3 +178,16 @@ def test_admin_key_guards_model_management(tmp_path):
         assert reply.choices[0].message.content is not None, "the OpenAI endpoints stay open"
     finally:
         server.stop()
+
+
+def test_the_plugin_selection_reaches_every_worker(tmp_path):
+    server = RunningServer(tmp_path, "-id", f"model_id=smollm2 {SMALL}", "--disable-plugin", "artifact")
+    try:
+        body = {"model": "smollm2", "messages": HI, "max_tokens": 2}
+        refused = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "artifact": "Yes"}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "plugin_required"  # not loaded there
+        thinking = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60,
+                              json={**body, "thinking_template": "<think>{problem}</think>"})
+        assert thinking.status_code != 400 or thinking.json()["error"]["param"] != "thinking_template"
+    finally:
+        server.stop()

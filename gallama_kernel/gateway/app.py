@@ -32,11 +32,10 @@ from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
+from ..api.documents import BODY_MODELS, body_schema
 from ..api.errors import install_error_handlers
-from ..api.openai_routes import (
-    BODY_MODELS,
+from ..api.http_input import (
     INLINE_PARSE_BYTES,
-    body_schema,
     check_content_type,
     parse_json,
     read_body,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request, Response
 
-from ..api.openai_routes import unless_disconnected
+from ..api.http_input import unless_disconnected
 from ..api.streaming import EventStream
 from ..protocol.errors import APIError, InvalidRequest
 from ..protocol.limits import MAX_MIXTURE_AGENTS

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ModelSpec
+from ..loading import PluginSelection
 from ..protocol.errors import APIError, ModelNotFound, ServiceUnavailable
 from ..protocol.limits import MAX_RELAYED_ERROR_CHARS
 from .worker import FAILED, READY, SECRET_ENV
@@ -108,11 +109,13 @@ class ModelGroup:
 class Pool:
     """All worker processes of one gateway.
 
-    :param worker_env: environment for worker processes (plugin allow/deny lists travel this way)
+    :param worker_env: environment for worker processes
+    :param plugins: the plugin selection each worker loads (on its command line)
     """
 
     def __init__(self, worker_env: dict[str, str] | None = None,
-                 on_state: Callable[[Worker, str], None] | None = None) -> None:
+                 on_state: Callable[[Worker, str], None] | None = None,
+                 plugins: PluginSelection | None = None) -> None:
         self.groups: dict[str, ModelGroup] = {}
         self._lookup: dict[str, str] = {}
         # a secret per run: workers answer only requests that carry it, so nobody reaches a model around the
@@ -120,6 +123,7 @@ class Pool:
         self.worker_secret = secrets.token_urlsafe(32)
         self.worker_env = {**os.environ, **(worker_env or {}), SECRET_ENV: self.worker_secret}
         self.on_state = on_state
+        self.plugins = plugins or PluginSelection()  # every worker loads this selection
         self._rotation = itertools.count()
         self._closing = False
 
@@ -239,7 +243,8 @@ class Pool:
         worker.port = None
         spec_json = worker.spec.model_dump_json()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gallama_kernel.gateway.worker", spec_json, stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "gallama_kernel.gateway.worker", spec_json, *self.plugins.argv(),
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=self.worker_env)
         worker.process, worker.pid = process, process.pid
         assert process.stdout is not None

@@ -1,6 +1,7 @@
 """A worker process: serves one model replica on 127.0.0.1, on a port the OS chooses.
 
-Started by the gateway as ``python -m gallama_kernel.gateway.worker SPEC_JSON``. It loads the model, binds
+Started by the gateway as ``python -m gallama_kernel.gateway.worker SPEC_JSON [--plugins LIST]
+[--disable-plugins LIST]`` (the gateway's plugin selection). It loads the model, binds
 ``127.0.0.1:0``, prints one line ``READY {"port": N}`` on stdout (or ``FAILED {"error": "..."}``) and serves
 the single-model app. It exits when its stdin closes: the gateway holds the other end, so a worker never
 outlives its gateway, even one killed with ``kill -9``. It answers only requests carrying the gateway's per-run
@@ -68,10 +69,13 @@ def _only_with_secret(app: Any, secret: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m gallama_kernel.gateway.worker SPEC_JSON", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m gallama_kernel.gateway.worker")
+    parser.add_argument("spec_json")
+    parser.add_argument("--plugins", default=None)
+    parser.add_argument("--disable-plugins", default=None)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     _exit_with_parent()
     verbose = os.environ.get("GALLAMA_WORKER_VERBOSE") == "1"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -80,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..api.app import create_app
     from ..backend import BackendError
-    from ..cli import _host, load_models
     from ..config import ConfigError, ModelSpec
+    from ..loading import load_models, selected_host
 
     try:
-        spec = ModelSpec.model_validate_json(args[0])
-        host = _host()
+        spec = ModelSpec.model_validate_json(args.spec_json)
+        host = selected_host(args.plugins, args.disable_plugins)
         registry = load_models([spec], host, quiet=True)
     except (ConfigError, BackendError, ValueError) as error:
         _announce(FAILED, {"error": str(error)})

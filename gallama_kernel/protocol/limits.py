@@ -28,7 +28,7 @@ worker thread; past it the request is a 400 and the thread's late result is drop
 PREPARE_THREADS = 4
 """Worker threads preparing requests at once, so heavy requests cannot take every thread of the process."""
 
-# -- HTTP input (read_json in api/openai_routes.py, the gateway, `gallama run`'s uvicorn settings) --------------
+# -- HTTP input (api/http_input.py, the gateway, `gallama run`'s uvicorn settings) --------------
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Largest request body (bytes; GALLAMA_MAX_BODY_BYTES overrides): above it a 413, checked as the body arrives."""

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from starlette.requests import Request as StarletteRequest
 
 from gallama_kernel.api.errors import install_error_handlers
-from gallama_kernel.api.openai_routes import RequestTimeout, parse_json, read_body, read_json
+from gallama_kernel.api.http_input import RequestTimeout, parse_json, read_body, read_json
 from gallama_kernel.api.streaming import EventStream
 from gallama_kernel.config import ConfigError, check_model_path, check_served_name
 from gallama_kernel.protocol.errors import InvalidRequest
