@@ -294,9 +294,11 @@ def load_catalog(host: PluginHost | None = None) -> Catalog:
     """
     catalog = builtin_catalog()
     if host is not None:
-        for impl in host.pm.hook.register_models.get_hookimpls():
-            def register(name: str, entry: Mapping[str, Any], plugin: str = impl.plugin_name) -> None:
+        def registrar(plugin: str) -> Any:
+            def register(name: str, entry: Mapping[str, Any]) -> None:
                 catalog.add(name, entry, plugin)
 
-            host._call_one(impl, "register_models", register=register)
+            return register
+
+        host.call_each("register_models", per_plugin=lambda plugin: {"register": registrar(plugin)})
     return catalog

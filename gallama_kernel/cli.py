@@ -177,8 +177,10 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins_command(as_json: bool) -> None:
-    """List plugins: name, version, hooks, load error."""
-    records = _host().summaries()
+    """List plugins: name, version, hooks, and every error (loading, and each registration hook)."""
+    host = _host()
+    host.run_registrations()
+    records = host.summaries()
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in records], indent=2))
         return
@@ -192,8 +194,7 @@ def plugins_command(as_json: bool) -> None:
 
 
 def _registration_failures(host: PluginHost) -> str:
-    failed = [f"{r.name}: {r.error}" for r in host.summaries()
-              if r.status == "failed" and (r.error or "").startswith("register_models")]
+    failed = [f"{r.name}: {r.error}" for r in host.summaries() if r.failed_in("register_models")]
     return f"\nPlugins whose models were refused: {'; '.join(failed)}" if failed else ""
 
 

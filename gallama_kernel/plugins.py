@@ -2,12 +2,19 @@
 
 Each entry point of the group ``gallama`` loads in its own ``try``: a broken plugin is recorded (and shown by
 ``gallama plugins``), never fatal. An allowlist and a blocklist choose what loads.
+
+Hook rules, one set for all: every hook runs in pluggy's call order (the plugin registered last first;
+``tryfirst`` / ``trylast`` honoured). The per-request hooks (``prepare_request``, ``response_transformers``) are
+called through pluggy itself, wrappers included. The registration hooks (``register_*``) are called implementation
+by implementation, through :meth:`PluginHost.call_each` alone, so that one plugin's failure is recorded against it
+(with the hook's name: every error is kept) while the others still register; a wrapper cannot take part in that,
+so a plugin that wraps a registration hook is refused when it is registered.
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -18,6 +25,8 @@ from . import PROJECT_NAME, hookspecs
 from .backend import Backend
 
 ENTRY_POINT_GROUP = PROJECT_NAME
+REGISTRATION_HOOKS = frozenset({"register_backends", "register_request_fields", "register_routes",
+                                "register_commands", "register_models"})
 
 
 @dataclass
@@ -28,11 +37,23 @@ class PluginRecord:
     version: str | None = None
     hooks: list[str] = field(default_factory=list)
     status: str = "loaded"  # loaded | failed | disabled
-    error: str | None = None
+    errors: list[str] = field(default_factory=list)  # "hook: error" (or the import's error), every one
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(self.errors) or None
+
+    def failed(self, message: str) -> None:
+        self.status = "failed"
+        if message not in self.errors:
+            self.errors.append(message)
+
+    def failed_in(self, hook_name: str) -> bool:
+        return any(error.startswith(f"{hook_name}: ") for error in self.errors)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "hooks": self.hooks, "status": self.status,
-                "error": self.error}
+                "error": self.error, "errors": self.errors}
 
 
 @dataclass(frozen=True)
@@ -84,9 +105,10 @@ class PluginHost:
                 module = ep.load()
                 self.pm.register(module, name=ep.name)
             except Exception as error:  # a broken plugin must not take the server down
-                self.records[ep.name] = PluginRecord(ep.name, version, status="failed", error=_short_error(error))
+                self.records[ep.name] = PluginRecord(ep.name, version, status="failed", errors=[_short_error(error)])
                 continue
             self.records[ep.name] = PluginRecord(ep.name, version, hooks=self._hooks_of(ep.name))
+            self._refuse_wrapped_registration(ep.name)
 
     def register(self, plugin: object, name: str, version: str | None = None) -> None:
         """Register an in-process plugin object (tests, embedding applications)."""
@@ -95,6 +117,7 @@ class PluginHost:
             return
         self.pm.register(plugin, name=name)
         self.records[name] = PluginRecord(name, version, hooks=self._hooks_of(name))
+        self._refuse_wrapped_registration(name)
         self._backends = self._fields = None
 
     def unregister(self, name: str) -> None:
@@ -107,18 +130,48 @@ class PluginHost:
         callers = self.pm.get_hookcallers(plugin) or []
         return sorted(caller.name for caller in callers)
 
-    def call_each(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a hook implementation by implementation, recording a failure against its plugin."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            self._call_one(impl, hook_name, **kwargs)
+    def _refuse_wrapped_registration(self, name: str) -> None:
+        """Unregister (and record as failed) a plugin that wraps a registration hook: those hooks run
+        implementation by implementation (see the module docstring), which a wrapper cannot take part in."""
+        plugin = self.pm.get_plugin(name)
+        wrapped = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or []
+                         if caller.name in REGISTRATION_HOOKS
+                         and any(impl.plugin_name == name and (impl.wrapper or impl.hookwrapper)
+                                 for impl in caller.get_hookimpls()))
+        if wrapped:
+            self.pm.unregister(name=name)
+            self.records[name].failed(f"{', '.join(wrapped)}: hook wrappers are not supported on registration hooks")
 
-    def _call_one(self, impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> None:
-        try:
-            impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-        except Exception as error:  # recorded and shown by `gallama plugins`
-            record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
-            record.status = "failed"
-            record.error = f"{hook_name}: {_short_error(error)}"
+    def call_each(self, hook_name: str, per_plugin: Callable[[str], dict[str, Any]] | None = None,
+                  **kwargs: Any) -> None:
+        """Call a registration hook implementation by implementation, in pluggy's call order, recording a failure
+        against its plugin (the others still run).
+
+        :param per_plugin: arguments that depend on the implementing plugin's name (a ``register`` callback that
+            remembers who registered what), merged over ``kwargs``
+        """
+        if hook_name not in REGISTRATION_HOOKS:
+            raise ValueError(f"'{hook_name}' is called through pluggy, not implementation by implementation")
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):  # pluggy's own order
+            arguments = {**kwargs, **(per_plugin(impl.plugin_name) if per_plugin is not None else {})}
+            try:
+                impl.function(**{arg: arguments[arg] for arg in impl.argnames})
+            except Exception as error:  # recorded and shown by `gallama plugins`
+                record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
+                record.failed(f"{hook_name}: {_short_error(error)}")
+
+    def run_registrations(self, cli: Any = None) -> None:
+        """Run every registration hook that has no side effect outside this host (for ``gallama plugins``), so
+        that each plugin's registration errors are known: backends, request fields, models, and commands onto
+        ``cli`` (a throwaway group by default). ``register_routes`` needs the app it adds to and runs with it."""
+        import click
+
+        from .catalog import load_catalog
+
+        self.backends  # noqa: B018  (each property runs its hook once)
+        self.request_fields  # noqa: B018
+        load_catalog(self)
+        self.call_each("register_commands", cli=cli if cli is not None else click.Group())
 
     # -- registries -------------------------------------------------------------------------------------
     @property
@@ -139,16 +192,16 @@ class PluginHost:
     def request_fields(self) -> dict[str, RequestField]:
         if self._fields is None:
             found: dict[str, RequestField] = {}
-            current: list[str] = [""]
 
-            def register(name: str, annotation: Any, description: str = "") -> None:
-                if name in found:
-                    raise ValueError(f"request field '{name}' is declared twice")
-                found[name] = RequestField(name, annotation, description, current[0])
+            def registrar(plugin: str) -> Callable[..., None]:
+                def register(name: str, annotation: Any, description: str = "") -> None:
+                    if name in found:
+                        raise ValueError(f"request field '{name}' is declared twice")
+                    found[name] = RequestField(name, annotation, description, plugin)
 
-            for impl in self.pm.hook.register_request_fields.get_hookimpls():
-                current[0] = impl.plugin_name
-                self._call_one(impl, "register_request_fields", register=register)
+                return register
+
+            self.call_each("register_request_fields", per_plugin=lambda plugin: {"register": registrar(plugin)})
             self._fields = found
         return self._fields
 

@@ -227,3 +227,86 @@ def test_env_blocklist_removes_plugin_commands(fake_site: Path) -> None:
     result = run_gallama(fake_site, "fake-hello", GALLAMA_DISABLE_PLUGINS="good")
     assert result.returncode != 0
     assert "fake-hello" in result.stderr  # click: No such command 'fake-hello'
+
+
+# -- one set of hook rules ---------------------------------------------------------------------------
+
+class Ordered:
+    """Records the order in which its registration hook runs."""
+
+    def __init__(self, name: str, seen: list[str]) -> None:
+        self.name, self.seen = name, seen
+
+    @hookimpl
+    def register_request_fields(self, register):
+        self.seen.append(self.name)
+        register(f"field_{self.name}", bool, "")
+
+
+class OrderedFirst(Ordered):
+    @hookimpl(tryfirst=True)
+    def register_request_fields(self, register):
+        self.seen.append(self.name)
+        register(f"field_{self.name}", bool, "")
+
+
+def test_registration_hooks_run_in_pluggys_order_with_tryfirst() -> None:
+    seen: list[str] = []
+    host = PluginHost()
+    host.register(Ordered("a", seen), "a")
+    host.register(Ordered("b", seen), "b")
+    host.register(OrderedFirst("early", seen), "early")
+    fields = host.request_fields
+    called = list(seen)
+    seen.clear()
+    host.pm.hook.register_request_fields(register=lambda *args: None)  # pluggy's own call, for comparison
+    assert called == seen == ["early", "b", "a"]
+    assert {name: field.plugin for name, field in fields.items()} == {"field_a": "a", "field_b": "b",
+                                                                     "field_early": "early"}
+
+
+class WrapsRegistration:
+    @hookimpl(wrapper=True)
+    def register_backends(self, register):
+        return (yield)
+
+    @hookimpl
+    def register_request_fields(self, register):
+        register("never", bool, "")
+
+
+def test_a_wrapper_on_a_registration_hook_is_refused_at_registration() -> None:
+    host = PluginHost()
+    host.register(WrapsRegistration(), "wrapping")
+    record = host.records["wrapping"]
+    assert record.status == "failed" and "register_backends: hook wrappers are not supported" in record.error
+    assert "never" not in host.request_fields and host.pm.get_plugin("wrapping") is None
+
+
+class FailsTwice:
+    @hookimpl
+    def register_backends(self, register):
+        raise RuntimeError("no backend today")
+
+    @hookimpl
+    def register_request_fields(self, register):
+        raise RuntimeError("no fields either")
+
+
+def test_every_registration_error_is_kept_and_others_still_register() -> None:
+    host = PluginHost()
+    host.register(FailsTwice(), "twice")
+    host.register(BackendPlugin("fine"), "fine")
+    host.run_registrations()
+    record = host.records["twice"]
+    assert record.status == "failed" and len(record.errors) == 2
+    assert record.errors[0].startswith("register_backends: RuntimeError: no backend today")
+    assert record.errors[1].startswith("register_request_fields: RuntimeError: no fields either")
+    assert record.failed_in("register_backends") and not record.failed_in("register_models")
+    assert "fine" in host.backends and host.records["fine"].status == "loaded"
+    assert record.as_dict()["errors"] == record.errors
+
+
+def test_per_request_hooks_are_not_called_one_by_one() -> None:
+    with pytest.raises(ValueError, match="through pluggy"):
+        PluginHost().call_each("prepare_request", request=None, plan=None)
