@@ -160,6 +160,16 @@ class PluginHost:
                 record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
                 record.failed(f"{hook_name}: {_short_error(error)}")
 
+    # -- per-request hooks (through pluggy: its order, wrappers honoured) -------------------------------------
+    def prepare_request(self, request: Any, plan: Any) -> None:
+        """Every plugin's ``prepare_request`` on one chat request's plan."""
+        self.pm.hook.prepare_request(request=request, plan=plan)
+
+    def response_transformers(self, request: Any, plan: Any) -> list[Any]:
+        """The transformers every plugin returns for one chat request, in call order."""
+        return [t for group in self.pm.hook.response_transformers(request=request, plan=plan) if group
+                for t in group]
+
     def run_registrations(self, cli: Any = None) -> None:
         """Run every registration hook that has no side effect outside this host (for ``gallama plugins``), so
         that each plugin's registration errors are known: backends, request fields, models, and commands onto

@@ -240,7 +240,7 @@ class ChatService:
         plan = RequestPlan(messages=messages, leading_prompt=request.leading_prompt or "", stop=request.stop_list,
                            constraint=constraints.from_request(request))
         self._present_tools(model, request, plan)
-        self.host.pm.hook.prepare_request(request=request, plan=plan)
+        self.host.prepare_request(request, plan)
         grammar = self._grammar(model, plan.constraint, plan.constraint_after)
         passes = [PreparedPass(p, self._grammar(model, p.constraint)) for p in plan.passes]
         tokens = prompt_tokens(model, plan)
@@ -250,8 +250,7 @@ class ChatService:
             request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_tokens=tokens,
             max_tokens=token_budget(model, len(tokens), request.token_limit),
             sampling=sampling_from(request), stop=plan.stop, grammar=grammar)
-        transformers = [t for group in self.host.pm.hook.response_transformers(request=request, plan=plan) if group
-                        for t in group]
+        transformers = self.host.response_transformers(request, plan)
         tool_mode = None
         if plan.constraint is not None and plan.constraint.kind == "tools":
             tool_mode = "auto" if plan.constraint.choice == "auto" else "calls"

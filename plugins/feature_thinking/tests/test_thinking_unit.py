@@ -89,7 +89,7 @@ def prepare(host: PluginHost, messages: list[dict[str, Any]] | None = None, **fi
             ) -> tuple[ChatCompletionRequest, RequestPlan]:
     req = request(host, **fields)
     plan = RequestPlan(messages=[dict(m) for m in messages or USER], leading_prompt=req.leading_prompt or "")
-    host.pm.hook.prepare_request(request=req, plan=plan)
+    host.prepare_request(req, plan)
     return req, plan
 
 
@@ -106,7 +106,7 @@ def test_no_template_leaves_the_plan_alone(host: PluginHost) -> None:
     for fields in ({}, {"return_thinking": False}, {"thinking_template": None}):
         req, plan = prepare(host, **fields)
         assert plan.messages == USER and not plan.passes and not plan.leading_prompt
-        assert host.pm.hook.response_transformers(request=req, plan=plan) == []
+        assert host.response_transformers(req, plan) == []
 
 
 @pytest.mark.parametrize("value", [True, "separate"])
@@ -153,9 +153,8 @@ def test_the_pass(host: PluginHost, value: bool | str | None, show_as: str) -> N
     assert item.stop == []
     assert item.constraint is not None and item.constraint.kind == "custom"
     assert plan.constraint is None and plan.constraint_after is None  # the answer's constraint is untouched
-    transformers = host.pm.hook.response_transformers(request=req, plan=plan)
-    assert [type(t) for group in transformers for t in group] == ([] if show_as == "hidden" else
-                                                                  [thinking.ThinkingJoiner])
+    transformers = host.response_transformers(req, plan)
+    assert [type(t) for t in transformers] == ([] if show_as == "hidden" else [thinking.ThinkingJoiner])
 
 
 def test_done_appends_the_closed_thinking_to_the_leading_prompt(host: PluginHost) -> None:
@@ -169,7 +168,7 @@ def test_done_closes_a_pass_cut_short(host: PluginHost) -> None:
     plan.passes[0].done(plan, "\n<steps>\n<step>10 apples</step>\n<step>8 ap")
     assert plan.leading_prompt == ("<chain_of_thought>\n<steps>\n<step>10 apples</step>\n<step>8 ap\n</step>\n"
                                    "</steps>\n</chain_of_thought>\n")
-    (joiner,) = host.pm.hook.response_transformers(request=req, plan=plan)[0]
+    (joiner,) = host.response_transformers(req, plan)
     assert joiner.feed({"content": "8"}) == [{"reasoning_content": "\n</step>\n</steps>\n</chain_of_thought>"},
                                              {"content": "8"}]
 
