@@ -103,6 +103,9 @@ def list_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    if not rows:  # only the note below: an empty table says nothing
+        _say_no_keys(key_file)
+        return
     table = Table(title=f"{key_file.path}", box=box.SIMPLE_HEAD, caption="created: UTC")
     table.add_column("id", no_wrap=True)
     table.add_column("name", overflow="fold")
@@ -119,11 +122,14 @@ def list_command(as_json: bool) -> None:
         table.add_row(escape(row["id"]), escape(row["name"]) if row["source"] == "file" else "", row["scope"],
                       escape(models), ", ".join(filter(None, limits)) or "none", created)
     Console().print(table)
-    if not rows and key_file.exists():
+
+
+def _say_no_keys(key_file: KeyFile) -> None:
+    if key_file.exists():
         console.print(f"no keys: requests are refused while {escape(str(key_file.path))} exists (add a key with: "
                       "gallama keys add NAME, or delete the file to serve without keys)", highlight=False,
                       soft_wrap=True)
-    elif not rows:
+    else:
         console.print("no keys: the server accepts requests without a key (add one with: gallama keys add NAME)")
 
 
