@@ -22,20 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from gallama_kernel.backend import (
+from gallama_kernel.plugin import (
+    DRAFT_KEYS,
     Backend,
     BackendError,
     Capabilities,
     GenerationEvent,
     GenerationRequest,
     ProgressCallback,
+    draft_keys_given,
 )
-from gallama_kernel.config import DRAFT_KEYS, draft_keys_given
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from gallama_kernel.config import ModelSpec
+    from gallama_kernel.plugin import ModelSpec
 
 log = logging.getLogger("gallama.embedding")
 

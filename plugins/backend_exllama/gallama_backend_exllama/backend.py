@@ -25,18 +25,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gallama_kernel.backend import (
+from gallama_kernel.plugin import (
     Backend,
     BackendError,
     Capabilities,
+    ConfigError,
     Emit,
     GenerationEvent,
     GenerationRequest,
+    MatcherCache,
     ProgressCallback,
     ThreadJobs,
+    resolve_named_model,
 )
-from gallama_kernel.config import ConfigError, resolve_named_model
-from gallama_kernel.grammar.matchers import MatcherCache
 
 from .engine import GeneratorLoop, Request
 from .guidance import GuidanceMask, filter_class, tokenizer_for
@@ -51,7 +52,7 @@ from .settings import (
 )
 
 if TYPE_CHECKING:
-    from gallama_kernel.grammar import Grammar
+    from gallama_kernel.plugin import Grammar
 
 log = logging.getLogger("gallama.exllama")
 

@@ -26,8 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest, hold_text
-from gallama_kernel.pipeline.stops import StopMatcher
+from gallama_kernel.plugin import BackendError, Emit, GenerationEvent, GenerationRequest, StopMatcher, hold_text
 
 from .guidance import GuidanceMask
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import llguidance
 import numpy as np
 
-from gallama_kernel.backend import BackendError
+from gallama_kernel.plugin import BackendError
 
 from .settings import TokenizerFiles
 

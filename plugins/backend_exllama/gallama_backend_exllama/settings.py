@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gallama_kernel.backend import BackendError, SamplingParams
-from gallama_kernel.config import ModelSpec, unused_draft_keys
+from gallama_kernel.plugin import BackendError, ModelSpec, SamplingParams, unused_draft_keys
 
 PAGE_TOKENS = 256  # the dynamic generator's cache page: its cache size must be a multiple of it
 MAX_DEFAULT_CONCURRENCY = 8

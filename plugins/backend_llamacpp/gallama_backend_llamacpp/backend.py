@@ -27,18 +27,19 @@ from typing import TYPE_CHECKING
 
 import llama_cpp as ll
 
-from gallama_kernel.backend import (
+from gallama_kernel.plugin import (
     Backend,
     BackendError,
     Capabilities,
     Emit,
     GenerationEvent,
     GenerationRequest,
+    ModelSpec,
     ProgressCallback,
     PromptSegment,
     ThreadJobs,
+    unused_draft_keys,
 )
-from gallama_kernel.config import ModelSpec, unused_draft_keys
 
 from .engine import Engine, EngineConfig, Job
 from .grammar import GrammarEngine
@@ -46,7 +47,7 @@ from .model import LlamaModel
 from .speculative import PROMPT_LOOKUP, Drafter, DraftSettings, load_drafter
 
 if TYPE_CHECKING:
-    from gallama_kernel.grammar import Grammar
+    from gallama_kernel.plugin import Grammar
 
 CACHE_TYPES = {"FP16": ll.GGML_TYPE_F16, "Q8": ll.GGML_TYPE_Q8_0, "Q4": ll.GGML_TYPE_Q4_0}
 CACHE_BYTES_PER_VALUE = {"FP16": 2.0, "Q8": 34 / 32, "Q4": 18 / 32}  # ggml block sizes

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 import llama_cpp as ll
 import llguidance
 
-from gallama_kernel.backend import BackendError, Emit, GenerationEvent, GenerationRequest, hold_text
-from gallama_kernel.pipeline.stops import StopMatcher
+from gallama_kernel.plugin import BackendError, Emit, GenerationEvent, GenerationRequest, StopMatcher, hold_text
 
 from .grammar import TokenMask
 from .model import LlamaModel, common_prefix

@@ -17,11 +17,10 @@ import llguidance
 import numpy as np
 from llguidance.llamacpp import lltokenizer_from_vocab
 
-from gallama_kernel.grammar.core import trim_engine_message
-from gallama_kernel.grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
+from gallama_kernel.plugin import MATCHER_CACHE_SIZE, MatcherCache, trim_engine_message
 
 if TYPE_CHECKING:
-    from gallama_kernel.grammar import Grammar
+    from gallama_kernel.plugin import Grammar
 
     from .model import LlamaModel
 

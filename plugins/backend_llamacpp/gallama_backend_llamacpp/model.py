@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import llama_cpp as ll
 
-from gallama_kernel.backend import BackendError
+from gallama_kernel.plugin import BackendError
 
 log = logging.getLogger("gallama.llama_cpp")
 

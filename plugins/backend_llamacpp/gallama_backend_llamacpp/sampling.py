@@ -6,7 +6,7 @@ import random
 
 import llama_cpp as ll
 
-from gallama_kernel.backend import SamplingParams
+from gallama_kernel.plugin import SamplingParams
 
 PENALTY_WINDOW = 64
 

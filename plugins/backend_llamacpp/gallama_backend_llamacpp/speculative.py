@@ -32,8 +32,7 @@ from typing import Protocol
 import llama_cpp as ll
 import numpy as np
 
-from gallama_kernel.backend import BackendError
-from gallama_kernel.config import ConfigError, resolve_named_model
+from gallama_kernel.plugin import BackendError, ConfigError, resolve_named_model
 
 from .model import LlamaModel, common_prefix
 

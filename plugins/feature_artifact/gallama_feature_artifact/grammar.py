@@ -22,8 +22,15 @@ values hold no quotes, angle brackets or line breaks and are bounded in length.
 
 from __future__ import annotations
 
-from gallama_kernel.grammar.core import Grammar, GrammarBuilder, escape_regex, literal, regex_literal
-from gallama_kernel.pipeline.constraints import Constraint, compile_constraint
+from gallama_kernel.plugin import (
+    Constraint,
+    Grammar,
+    GrammarBuilder,
+    compile_constraint,
+    escape_regex,
+    literal,
+    regex_literal,
+)
 
 ARTIFACT_TYPES = ("code", "self_contained_text")
 """Values of the ``type`` attribute."""

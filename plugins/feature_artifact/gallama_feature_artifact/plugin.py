@@ -23,9 +23,13 @@ from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from gallama_kernel import hookimpl
-from gallama_kernel.pipeline.plan import GenerationPass, RequestPlan, ResponseTransformer
-from gallama_kernel.protocol.errors import InvalidRequest
-from gallama_kernel.protocol.openai import ChatCompletionRequest
+from gallama_kernel.plugin import (
+    ChatCompletionRequest,
+    GenerationPass,
+    InvalidRequest,
+    RequestPlan,
+    ResponseTransformer,
+)
 
 from .grammar import PLAN_CLOSE, PLAN_OPEN, answer_constraint, plan_constraint
 from .prompt import with_prompts

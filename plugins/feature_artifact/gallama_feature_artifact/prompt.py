@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gallama_kernel.pipeline.tools import add_system_text
+from gallama_kernel.plugin import add_system_text
 
 ANSWER_FORMAT = """\
 Reply in artifact format. It separates what you say to the user from artifacts: self-contained pieces \

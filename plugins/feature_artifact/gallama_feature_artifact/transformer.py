@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from gallama_kernel.pipeline.plan import SEGMENT, Delta
+from gallama_kernel.plugin import SEGMENT, Delta
 
 ArtifactMeta = dict[str, Any]
 """``{"tag_type": "text"}`` or ``{"tag_type": "artifact", "artifact_type", "identifier", "title", "language"}``."""

@@ -40,9 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gallama_kernel import hookimpl
-from gallama_kernel.pipeline.plan import Delta, GenerationPass, RequestPlan
-from gallama_kernel.protocol.errors import InvalidRequest
-from gallama_kernel.protocol.openai import ChatCompletionRequest
+from gallama_kernel.plugin import ChatCompletionRequest, Delta, GenerationPass, InvalidRequest, RequestPlan
 
 from .template import PARAM, ThinkingTemplate, parse_template
 

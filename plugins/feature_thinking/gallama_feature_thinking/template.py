@@ -14,9 +14,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from xml.parsers import expat
 
-from gallama_kernel.grammar.core import GrammarBuilder
-from gallama_kernel.pipeline.constraints import Constraint
-from gallama_kernel.protocol.errors import InvalidRequest
+from gallama_kernel.plugin import Constraint, GrammarBuilder, InvalidRequest
 
 PARAM = "thinking_template"
 

@@ -1,0 +1,63 @@
+"""Everything a plugin imports from the kernel, in one place: ``from gallama_kernel.plugin import ...``.
+
+This module is the plugin-facing surface. The in-tree plugins and ``examples/`` import the kernel only through it
+(and ``gallama_kernel.hookimpl``), which ``tests/unit/test_plugin_surface.py`` checks, so what works for them
+works for an outside author.
+
+Stability: the names in ``__all__`` change only with a note in the README's plugin section; whatever else the
+kernel's modules hold is internal and may change. Groups:
+
+* hooks: :data:`hookimpl` (the hook specifications and their documentation are ``gallama_kernel.hookspecs``);
+* backends: :class:`Backend` and the types of its contract (requests, events, sampling, capabilities, progress,
+  prompt segments), :class:`ThreadJobs` and :func:`hold_text` for engines that run in a thread, :class:`Emit`;
+* features: :class:`RequestPlan`, :class:`GenerationPass`, :class:`Constraint` (and :func:`compile_constraint`),
+  :class:`ResponseTransformer`, :data:`Delta`, :data:`SEGMENT`, :func:`add_system_text`, :class:`StopMatcher`;
+* grammars: :class:`Grammar`, :class:`GrammarBuilder`, :func:`literal`, :func:`regex_literal`,
+  :func:`escape_regex`, :class:`MatcherCache` (llguidance matchers for a backend's tokenizer),
+  :func:`trim_engine_message`;
+* requests, models and errors: :class:`ChatCompletionRequest`, :class:`CompletionRequest`, :class:`ModelSpec`,
+  the draft-model keys, :class:`InvalidRequest` (a 400), :class:`BackendError`, :class:`ConfigError`,
+  :class:`GrammarError`.
+"""
+
+from . import hookimpl
+from .backend import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Emit,
+    GenerationEvent,
+    GenerationRequest,
+    ProgressCallback,
+    PromptSegment,
+    SamplingParams,
+    ThreadJobs,
+    hold_text,
+)
+from .config import DRAFT_KEYS, ConfigError, ModelSpec, draft_keys_given, resolve_named_model, unused_draft_keys
+from .grammar.core import (
+    Grammar,
+    GrammarBuilder,
+    GrammarError,
+    escape_regex,
+    literal,
+    regex_literal,
+    trim_engine_message,
+)
+from .grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
+from .pipeline.constraints import Constraint, compile_constraint
+from .pipeline.plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
+from .pipeline.stops import StopMatcher
+from .pipeline.tools import add_system_text
+from .protocol.errors import InvalidRequest
+from .protocol.openai import ChatCompletionRequest, CompletionRequest
+
+__all__ = [
+    "DRAFT_KEYS", "MATCHER_CACHE_SIZE", "SEGMENT", "Backend", "BackendError", "Capabilities",
+    "ChatCompletionRequest", "CompletionRequest", "ConfigError", "Constraint", "Delta", "Emit", "GenerationEvent",
+    "GenerationPass", "GenerationRequest", "Grammar", "GrammarBuilder", "GrammarError", "InvalidRequest",
+    "MatcherCache", "ModelSpec", "ProgressCallback", "PromptSegment", "RequestPlan", "ResponseTransformer",
+    "SamplingParams", "StopMatcher", "ThreadJobs", "add_system_text", "compile_constraint", "draft_keys_given",
+    "escape_regex", "hold_text", "hookimpl", "literal", "regex_literal", "resolve_named_model",
+    "trim_engine_message", "unused_draft_keys",
+]
