@@ -107,10 +107,16 @@ def template_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """Append ``text`` to the system message, or open the conversation with one."""
-    if messages and messages[0]["role"] == "system":
+    """``messages`` with ``text`` appended to the leading system (or developer) message, after a blank line when
+    it has text of its own, or opened by a new system message. Content given as parts keeps its parts, with
+    ``text`` added as one more text part. ``messages`` itself is not changed."""
+    if messages and messages[0].get("role") in ("system", "developer"):
         first = dict(messages[0])
-        first["content"] = (first.get("content") or "") + "\n\n" + text
+        content = first.get("content")
+        if isinstance(content, list):
+            first["content"] = [*content, {"type": "text", "text": ("\n\n" if content else "") + text}]
+        else:
+            first["content"] = f"{content}\n\n{text}" if content else text
         return [first, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
 

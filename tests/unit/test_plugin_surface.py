@@ -42,3 +42,20 @@ def test_the_surface_exports_what_it_lists() -> None:
     for name in ("Backend", "RequestPlan", "Constraint", "GrammarBuilder", "ModelSpec", "InvalidRequest", "hookimpl",
                  "add_system_text", "ChatCompletionRequest", "GenerationPass", "Delta"):
         assert name in surface.__all__
+
+
+def test_add_system_text_appends_once_in_every_message_shape() -> None:
+    from gallama_kernel.plugin import add_system_text
+
+    user = {"role": "user", "content": "hi"}
+    assert add_system_text([user], "Rules.") == [{"role": "system", "content": "Rules."}, user]
+    assert add_system_text([{"role": "system", "content": "Be brief."}, user], "Rules.")[0]["content"] == \
+        "Be brief.\n\nRules."
+    for empty in ("", None):  # no leading blank line before the only text
+        assert add_system_text([{"role": "system", "content": empty}], "Rules.")[0]["content"] == "Rules."
+    developer = add_system_text([{"role": "developer", "content": "Dev."}], "Rules.")
+    assert developer == [{"role": "developer", "content": "Dev.\n\nRules."}]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
+    added = add_system_text(parts, "Rules.")
+    assert added[0]["content"] == [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "\n\nRules."}]
+    assert parts[0]["content"] == [{"type": "text", "text": "Be brief."}]  # the caller's messages are unchanged

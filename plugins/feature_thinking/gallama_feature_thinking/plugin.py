@@ -40,7 +40,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gallama_kernel import hookimpl
-from gallama_kernel.plugin import ChatCompletionRequest, Delta, GenerationPass, InvalidRequest, RequestPlan
+from gallama_kernel.plugin import (
+    ChatCompletionRequest,
+    Delta,
+    GenerationPass,
+    InvalidRequest,
+    RequestPlan,
+    add_system_text,
+)
 
 from .template import PARAM, ThinkingTemplate, parse_template
 
@@ -79,16 +86,6 @@ def show_as(return_thinking: ReturnThinking) -> ShowAs:
     if return_thinking == "separate":
         return "reasoning_content"
     return "content" if return_thinking is True else "hidden"
-
-
-def add_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """``messages`` with ``text`` appended to the leading system message, or opened by a new one."""
-    if messages and messages[0].get("role") == "system":
-        first = dict(messages[0])
-        existing = first.get("content") or ""
-        first["content"] = f"{existing}\n\n{text}" if existing else text
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 @dataclass
