@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exllama backend on a bare, offline CUDA machine, in one command and under eight minutes:
 #
-#   bash plugins/backend_exllama/gpu/run_gpu_check.sh        (from a copy of the working tree plus .whl/)
+#   bash plugins/backend_exllama/tests/gpu/run_gpu_check.sh        (from a copy of the working tree plus .whl/)
 #
 # Phases, each under its own `timeout` and all under one overall deadline, so that a slow phase shortens the
 # ones after it instead of pushing the run past its limit; a failed phase never stops the next one:
@@ -26,7 +26,7 @@
 set -u -o pipefail
 
 GPU_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$GPU_DIR/../../.." && pwd)
+REPO=$(cd "$GPU_DIR/../../../.." && pwd)
 export GPU_DIR REPO
 export OUT=${OUT:-/tmp/gpu-out}
 export PY=${PYTHON:-python3}
