@@ -15,25 +15,16 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from ..config import Settings
-from ..protocol.errors import APIError, InvalidRequest
+from ..protocol.errors import (
+    ClientDisconnected,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from ..protocol.limits import MAX_JSON_DEPTH
 
 T = TypeVar("T")
-
-
-class PayloadTooLarge(APIError):
-    status = 413
-    type = "invalid_request_error"
-
-
-class RequestTimeout(APIError):
-    status = 408
-    type = "invalid_request_error"
-
-
-class UnsupportedMediaType(APIError):
-    status = 415
-    type = "invalid_request_error"
 
 
 @functools.cache
@@ -169,10 +160,3 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientDisconnected("The client disconnected before the response was ready.")
     return task.result()
-
-
-class ClientDisconnected(APIError):
-    """Nobody is left to read the response; the status is only logged."""
-
-    status = 499
-    type = "client_disconnected"

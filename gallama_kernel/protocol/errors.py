@@ -63,6 +63,30 @@ class TooManyRequests(APIError):
     type = "rate_limit_error"
 
 
+class RequestTimeout(APIError):
+    """The body did not arrive within its deadline."""
+
+    status = 408
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"
+
+
+class ClientDisconnected(APIError):
+    """Nobody is left to read the response; the status is only logged."""
+
+    status = 499
+    type = "client_disconnected"
+
+
 class ServiceUnavailable(APIError):
     status = 503
     type = "server_error"
