@@ -149,7 +149,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     _say_who_may_call(store, bind_host)
     pool = Pool(worker_env, on_state=show, plugins=selection)
     app = create_gateway(pool, settings.home, Access(store), initial=specs, on_ready=ready,
-                         max_queue=settings.max_queue, cors_origins=origins)
+                         max_queue=settings.max_queue, cors_origins=origins, host=_host(allow, deny))
     console.print(f"gateway on {address}; loading {', '.join(s.name for s in specs)}", highlight=False,
                   soft_wrap=True)
     # h11, not httptools: h11 caps a request head (h11_max_incomplete_event_size; larger: 400 and closed), while

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
+SCOPE_KEY = "x-gallama-scope"
+ADMIN_SCOPE: dict[str, Any] = {SCOPE_KEY: "admin"}
+"""``openapi_extra`` of a plugin route that only admin keys may call (``register_routes``)."""
+
 
 @hookspec
 def register_backends(register: Callable[[str, type[Backend]], None]) -> None:
@@ -76,9 +80,18 @@ def response_transformers(request: ChatCompletionRequest, plan: RequestPlan) -> 
 
 @hookspec
 def register_routes(app: FastAPI) -> None:
-    """Add HTTP endpoints to the server.
+    """Add HTTP endpoints to the server. Called once per process.
 
-    :param app: the FastAPI application, before it starts serving. Use ``app.include_router`` or decorators.
+    The routes are served by the worker processes (each calls this hook on the app that serves its models) and
+    reached on the gateway's address: the gateway calls it too, once per plugin on a blank app, only to learn the
+    routes and their OpenAPI operations, and relays each request to a worker, the one serving the model the JSON
+    body (or the ``model`` query parameter) names, else the first ready one. Bodies must be JSON. An inference
+    key is needed once keys exist; ``openapi_extra=ADMIN_SCOPE`` asks for an admin key. A path and method the
+    gateway already serves is not relayed (recorded as this plugin's error). In a worker,
+    ``served_backend(request.app, name)`` gives the backend serving a model.
+
+    :param app: the FastAPI application, before it starts serving. Use ``app.include_router`` or decorators
+        (HTTP routes only: the gateway relays no mounted application or websocket).
     """
 
 

@@ -8,6 +8,8 @@ Stability: the names in ``__all__`` change only with a note in the README's plug
 kernel's modules hold is internal and may change. Groups:
 
 * hooks: :data:`hookimpl` (the hook specifications and their documentation are ``gallama_kernel.hookspecs``);
+* routes: :data:`ADMIN_SCOPE` (a route for admin keys only), :func:`served_backend` (a model's backend, in a
+  worker's route);
 * backends: :class:`Backend` and the types of its contract (requests, events, sampling, capabilities, progress,
   prompt segments), :class:`ThreadJobs` and :func:`hold_text` for engines that run in a thread, :class:`Emit`;
 * features: :class:`RequestPlan`, :class:`GenerationPass`, :class:`Constraint` (and :func:`compile_constraint`),
@@ -45,7 +47,9 @@ from .grammar.core import (
     trim_engine_message,
 )
 from .grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
+from .hookspecs import ADMIN_SCOPE
 from .pipeline.constraints import Constraint, compile_constraint
+from .pipeline.models import served_backend
 from .pipeline.plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
 from .pipeline.stops import StopMatcher
 from .pipeline.tools import add_system_text
@@ -53,11 +57,11 @@ from .protocol.errors import InvalidRequest
 from .protocol.openai import ChatCompletionRequest, CompletionRequest
 
 __all__ = [
-    "DRAFT_KEYS", "MATCHER_CACHE_SIZE", "SEGMENT", "Backend", "BackendError", "Capabilities",
+    "ADMIN_SCOPE", "DRAFT_KEYS", "MATCHER_CACHE_SIZE", "SEGMENT", "Backend", "BackendError", "Capabilities",
     "ChatCompletionRequest", "CompletionRequest", "ConfigError", "Constraint", "Delta", "Emit", "GenerationEvent",
     "GenerationPass", "GenerationRequest", "Grammar", "GrammarBuilder", "GrammarError", "InvalidRequest",
     "MatcherCache", "ModelSpec", "ProgressCallback", "PromptSegment", "RequestPlan", "ResponseTransformer",
     "SamplingParams", "StopMatcher", "ThreadJobs", "add_system_text", "compile_constraint", "draft_keys_given",
     "escape_regex", "hold_text", "hookimpl", "literal", "regex_literal", "resolve_named_model",
-    "trim_engine_message", "unused_draft_keys",
+    "served_backend", "trim_engine_message", "unused_draft_keys",
 ]

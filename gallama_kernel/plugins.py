@@ -157,8 +157,11 @@ class PluginHost:
             try:
                 impl.function(**{arg: arguments[arg] for arg in impl.argnames})
             except Exception as error:  # recorded and shown by `gallama plugins`
-                record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
-                record.failed(f"{hook_name}: {_short_error(error)}")
+                self.record_error(impl.plugin_name, hook_name, _short_error(error))
+
+    def record_error(self, plugin: str, hook_name: str, message: str) -> None:
+        """Record a failure of ``plugin`` in ``hook_name`` (the plugin is then listed as failed)."""
+        self.records.setdefault(plugin, PluginRecord(plugin)).failed(f"{hook_name}: {message}")
 
     # -- per-request hooks (through pluggy: its order, wrappers honoured) -------------------------------------
     def prepare_request(self, request: Any, plan: Any) -> None:

@@ -100,7 +100,8 @@ def build_router(service: ChatService, host: PluginHost) -> APIRouter:
 
     @router.post("/v1/embeddings", openapi_extra=body_schema(EmbeddingRequest))
     async def embeddings(request: Request) -> JSONResponse:
-        body = await read_request(request, EmbeddingRequest, {})
+        body = await read_request(request, EmbeddingRequest, host.request_fields)
+        refuse_plugin_fields(body, host, "/v1/embeddings")
         return JSONResponse(await unless_disconnected(request, create_embeddings(service.registry, body)))
 
     def model_card(model: Any) -> dict[str, Any]:

@@ -14,6 +14,8 @@ cannot post ``text/plain`` or a form cross-site to a local gateway); bodies are 
 lone-surrogate ``\\u`` escape is a 400. ``/add_model`` refuses names that are not plain (or ``org/name``) and model
 paths the in-tree backend cannot load (a device, FIFO, folder or non-GGUF file for llama_cpp) before a worker
 starts. ``/health`` needs no key, so it shows no pids or ports. On shutdown, open streams end with an error event.
+
+Plugin routes (``register_routes``) are relayed to workers, and plugin request fields documented: plugin_routes.py.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
 
@@ -45,8 +49,9 @@ from ..api.http_input import (
 from ..api.streaming import EventStream
 from ..config import ConfigError, ModelSpec, build_spec, check_model_path, check_served_name, load_model_config
 from ..keys import KeyStore
+from ..plugins import PluginHost
 from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, TooManyRequests, error_body
-from . import mixture
+from . import mixture, plugin_routes
 from .access import REQUEST_ID_HEADER, Access, CallRecord, RequestLog, printable, record_of
 from .metrics import CONTENT_TYPE, Metrics
 from .pool import Pool, Worker
@@ -139,9 +144,9 @@ class Gateway:
 
     # -- proxying ------------------------------------------------------------------------------------------
     async def forward(self, worker: Worker, path: str, body: bytes, stream: bool,
-                      record: CallRecord | None = None) -> Response:
-        """Send ``body`` to ``worker``; the response (SSE included) goes back as it arrives. Its usage is added
-        to ``record``."""
+                      record: CallRecord | None = None, method: str = "POST") -> Response:
+        """Send ``body`` to ``worker`` (``path`` may carry a query string); the response (SSE included) goes back
+        as it arrives. Its usage is added to ``record``."""
         worker.outstanding += 1
         released = False
 
@@ -153,7 +158,8 @@ class Gateway:
 
         try:
             headers = {REQUEST_ID_HEADER: record.request_id} if record is not None else None
-            upstream = await self.upstream.post("127.0.0.1", worker.port or 0, path, body, headers=headers)
+            upstream = await self.upstream.request(method, "127.0.0.1", worker.port or 0, path, body,
+                                                   headers=headers)
         except UpstreamError as error:
             release()
             raise ServiceUnavailable(f"The model '{worker.spec.name}' is unavailable ({error}); it is being "
@@ -222,10 +228,12 @@ def checked_spec(spec: ModelSpec, source: str) -> ModelSpec:
 
 def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial: list[ModelSpec] | None = None,
                    on_ready: Callable[[list[Any]], None] | None = None, max_queue: int = MAX_QUEUE,
-                   cors_origins: list[str] | None = None) -> FastAPI:
+                   cors_origins: list[str] | None = None, host: PluginHost | None = None) -> FastAPI:
     """The gateway app; ``initial`` models are loaded before it accepts connections (a failure aborts start), then
     ``on_ready`` gets their groups. ``access``: keys and quotas (default: the key file under ``home`` only).
-    ``cors_origins``: the origins whose pages may call it (preflights answered, headers set); none by default."""
+    ``cors_origins``: the origins whose pages may call it (preflights answered, headers set); none by default.
+    ``host``: the plugins the workers load (the same selection): their request fields are documented and their
+    routes relayed (see plugin_routes.py)."""
     gateway = Gateway(pool, home, access, max_queue)
 
     @asynccontextmanager
@@ -294,9 +302,9 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
 
         return proxied
 
-    for path in PROXIED:  # documented with the workers' request schemas (fields of plugins not included)
+    for path in PROXIED:  # documented with the workers' request schemas, plugin fields included
         app.add_api_route(path, endpoint(path), methods=["POST"], name=path.rsplit("/", 1)[-1],
-                          openapi_extra=body_schema(BODY_MODELS[path]))
+                          openapi_extra=body_schema(BODY_MODELS[path], host))
 
     def card(group: Any) -> dict[str, Any]:
         return {"id": group.name, "object": "model", "created": group.created, "owned_by": "gallama",
@@ -382,7 +390,69 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
         removed = await asyncio.gather(*(pool.remove(n) for n in names))
         return {"removed": [g.name for g in removed]}
 
+    if host is not None:
+        _relay_plugin_routes(app, gateway, host)
     return app
+
+
+def _relay_plugin_routes(app: FastAPI, gateway: Gateway, host: PluginHost) -> None:
+    """Add the plugins' routes to ``app``, each relayed to a worker, and their operations to its OpenAPI
+    document (see plugin_routes.py for the rule)."""
+    taken = {(route.path, method) for route in app.routes if isinstance(route, APIRoute)
+             for method in route.methods or ()}
+    taken |= {("/openapi.json", "GET"), ("/docs", "GET"), ("/redoc", "GET"), ("/docs/oauth2-redirect", "GET")}
+    found = plugin_routes.discover(host, taken)
+
+    def relay(route: plugin_routes.PluginRoute) -> Any:
+        async def relayed(request: Request) -> Response:
+            principal = gateway.access.authorize(request.headers, route.scope)
+            record = record_of(request.scope)
+            if record is not None and principal is not None:
+                record.key_id = principal.key_id
+            raw = b""
+            name = request.query_params.get("model")
+            if request.method in plugin_routes.BODY_METHODS:
+                check_content_type(request)
+                raw = await read_body(request)
+                if raw:
+                    body = parse_json(raw) if len(raw) <= INLINE_PARSE_BYTES else await asyncio.to_thread(parse_json,
+                                                                                                           raw)
+                    if isinstance(body, dict) and isinstance(body.get("model"), str):
+                        name = body["model"]
+            if name is not None:
+                group = gateway.pool.get(name)
+                gateway.access.check_model(principal, [group.name, *group.aliases], name)
+            else:
+                group = next((g for g in gateway.pool.all() if g.state == "ready"), None)
+                if group is None:
+                    raise ServiceUnavailable("No model is ready to serve this route yet.", code="no_model_ready")
+            if record is not None:
+                record.model = printable(group.name)
+            gateway.access.admit(principal, record)
+            target = request.scope.get("raw_path") or request.url.path.encode()
+            if request.scope.get("query_string"):
+                target += b"?" + request.scope["query_string"]
+            worker = gateway.pick(group)
+            reply = gateway.forward(worker, target.decode("latin-1"), raw, False, record, method=request.method)
+            return await unless_disconnected(request, reply)
+
+        return relayed
+
+    for route in found.routes:
+        app.add_api_route(route.path, relay(route), methods=sorted(route.methods), name=f"{route.plugin}:{route.name}",
+                          include_in_schema=False)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path, operations in found.paths.items():
+                document.setdefault("paths", {}).setdefault(path, {}).update(operations)
+            if found.schemas:
+                document.setdefault("components", {}).setdefault("schemas", {}).update(found.schemas)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _worker_health(gateway: Gateway, worker: Worker) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..backend import Backend
 from ..protocol.errors import ModelNotFound
@@ -50,3 +51,12 @@ class ModelRegistry:
             model.backend.close()
         self._models.clear()
         self._lookup.clear()
+
+
+def served_backend(app: Any, name: str) -> Backend:
+    """The backend serving the model ``name`` (or an alias) in the worker app ``app`` (a plugin route's
+    ``request.app``); a 404 ``model_not_found`` when this process does not serve it."""
+    registry = getattr(app.state, "registry", None)
+    if not isinstance(registry, ModelRegistry):
+        raise ModelNotFound(name, [])
+    return registry.get(name).backend

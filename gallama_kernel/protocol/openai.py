@@ -464,13 +464,6 @@ class EmbeddingRequest(_Strict):
     dimensions: int | None = Field(default=None, ge=1, strict=True)
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _plugin_fields(self, info: ValidationInfo) -> EmbeddingRequest:
-        """Overrides the chat requests' check: no plugin field applies here, every unknown field is a 400."""
-        for name in self.model_extra or {}:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name, code="unknown_field")
-        return self
-
     @property
     def texts(self) -> list[str]:
         """The input as a list of texts (after :meth:`refuse_unsupported`)."""
