@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
+from pydantic import BaseModel
+
 if TYPE_CHECKING:
     from .config import ModelSpec
     from .grammar import Grammar
@@ -68,13 +70,13 @@ class GenerationEvent:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a loaded backend can do; the kernel refuses requests that need something missing."""
+    """What a loaded backend can do, as the kernel reads it: a chat or completion request to a backend without
+    ``chat`` is refused (400), and so is an embeddings request to one without ``embeddings``;
+    ``max_concurrency`` is the number of requests it decodes at once (the gateway's slots per replica: beyond
+    them requests wait in its queue). Output constraints are checked by :meth:`Backend.validate_grammar`."""
 
     chat: bool = True
     embeddings: bool = False
-    grammar_kinds: frozenset[str] = frozenset()
-    batching: bool = False
-    speculative: bool = False
     max_concurrency: int = 1
 
 
@@ -195,10 +197,23 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str]
+    spec_keys: ClassVar[frozenset[str] | None] = None
+    """Which of the kernel's engine keys (``gallama_kernel.config.ENGINE_KEYS``: ``max_seq_len``, ``cache_size``,
+    ``gpus``, ``n_threads`` …) this backend applies. A model spec that sets another is refused before the model
+    loads, naming the valid keys. ``None``: all of them (the backend reads or refuses each itself)."""
+    options_model: ClassVar[type[BaseModel] | None] = None
+    """The backend's own ``-id`` / ``model_config.yaml`` keys: a pydantic model whose fields (types, defaults,
+    descriptions) the kernel validates specs against and shows in ``gallama plugins`` and errors. The validated
+    values, defaults filled, are in ``self.spec.options`` (a dict); :attr:`options` gives them as the model."""
     stream_interval_s: float = 0.0
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+
+    @functools.cached_property
+    def options(self) -> Any:
+        """``spec.options`` as an instance of :attr:`options_model` (``None`` without one)."""
+        return self.options_model.model_validate(self.spec.options) if self.options_model is not None else None
 
     @abc.abstractmethod
     def load(self, progress: ProgressCallback | None = None) -> None:

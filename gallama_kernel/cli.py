@@ -48,15 +48,18 @@ def _host(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> PluginHost
     return selected_host(",".join(allow) or None, ",".join(deny) or None)
 
 
-def resolve_specs(settings: Settings, name: str | None, ids: tuple[str, ...]) -> list[ModelSpec]:
+def resolve_specs(settings: Settings, name: str | None, ids: tuple[str, ...],
+                  backends: dict[str, Any] | None = None) -> list[ModelSpec]:
+    """The specs ``gallama run`` serves, checked against their backends' declared keys when ``backends`` (the
+    registered backend classes) is given."""
     config = load_model_config(settings.home)
     if ids:
-        return [build_spec(parse_id_string(text), config, f"-id {text!r}") for text in ids]
+        return [build_spec(parse_id_string(text), config, f"-id {text!r}", backends) for text in ids]
     if name:
-        return [build_spec({"model_id": name}, config, f"model '{name}'")]
+        return [build_spec({"model_id": name}, config, f"model '{name}'", backends)]
     if DEFAULT_MODEL_NAME not in config:
         config = {**config, DEFAULT_MODEL_NAME: DEFAULT_ENTRY}
-    return [build_spec({"model_id": DEFAULT_MODEL_NAME}, config, "default model")]
+    return [build_spec({"model_id": DEFAULT_MODEL_NAME}, config, "default model", backends)]
 
 
 def _say_who_may_call(store: Any, bind_host: str) -> None:
@@ -107,6 +110,9 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
         allow: tuple[str, ...], deny: tuple[str, ...], cors: tuple[str, ...], log_format: str | None) -> None:
     """Serve MODEL (an entry of model_config.yaml), the -id models, or the embedded default model.
 
+    -id keys: model_id, model_name, backend, aliases, plus the keys the chosen backend declares ('gallama plugins'
+    lists each backend's keys; a wrong key is refused with the list).
+
     One gateway on HOST:PORT routes requests by model name to one worker process per model (the same model
     given twice: two replicas, balanced by outstanding requests). Models can be added and removed at run time
     (POST /add_model, /remove_model). Keys: GALLAMA_API_KEYS, GALLAMA_ADMIN_KEY and 'gallama keys'.
@@ -125,8 +131,9 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     settings = Settings()
     json_logs = (log_format or settings.log_format) == "json"
     configure(logging.DEBUG if verbose else logging.INFO, json_logs)
+    plugins = _host(allow, deny)
     try:
-        specs = resolve_specs(settings, model, ids)
+        specs = resolve_specs(settings, model, ids, plugins.backends)
     except ConfigError as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         sys.exit(2)
@@ -149,7 +156,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     _say_who_may_call(store, bind_host)
     pool = Pool(worker_env, on_state=show, plugins=selection)
     app = create_gateway(pool, settings.home, Access(store), initial=specs, on_ready=ready,
-                         max_queue=settings.max_queue, cors_origins=origins, host=_host(allow, deny))
+                         max_queue=settings.max_queue, cors_origins=origins, host=plugins)
     console.print(f"gateway on {address}; loading {', '.join(s.name for s in specs)}", highlight=False,
                   soft_wrap=True)
     # h11, not httptools: h11 caps a request head (h11_max_incomplete_event_size; larger: 400 and closed), while
@@ -191,6 +198,17 @@ def plugins_command(as_json: bool) -> None:
         style = {"failed": "red", "disabled": "dim"}.get(r.status, "")
         table.add_row(r.name, r.version or "", r.status, ", ".join(r.hooks), r.error or "", style=style)
     Console().print(table)
+    for r in records:
+        for backend, keys in r.backends.items():
+            own = ", ".join(_describe_option(name, option) for name, option in keys["options"].items())
+            Console().print(f"[bold]backend {escape(backend)}[/bold] ({escape(r.name)}): model keys "
+                            f"{escape(', '.join(keys['keys']))}" + (f"; its own: {escape(own)}" if own else ""),
+                            highlight=False, soft_wrap=True)
+
+
+def _describe_option(name: str, option: dict[str, Any]) -> str:
+    default = "required" if option["required"] else f"default {option['default']!r}"
+    return f"{name} ({option['type']}, {default})"
 
 
 def _registration_failures(host: PluginHost) -> str:

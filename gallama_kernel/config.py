@@ -9,14 +9,18 @@ import re
 import shlex
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .protocol.limits import BODY_TIMEOUT_S, MAX_BODY_BYTES
+
+if TYPE_CHECKING:
+    from .backend import Backend
 
 CONFIG_FILE = "model_config.yaml"
 DEFAULT_MODEL_NAME = "smollm2"
@@ -67,7 +71,9 @@ CacheQuant = Literal["FP16", "Q8", "Q6", "Q4"]
 
 
 class ModelSpec(BaseModel):
-    """How one model is served. Keys of ``-id "key=value …"`` are exactly these fields."""
+    """How one model is served. Keys of ``-id "key=value …"``: these fields (:data:`KERNEL_KEYS` for every backend,
+    :data:`ENGINE_KEYS` for the backends that declare them in ``Backend.spec_keys``), plus the chosen backend's own
+    keys (``Backend.options_model``), which land validated in ``options``."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -95,6 +101,8 @@ class ModelSpec(BaseModel):
                                            description="Streams: text generated within this many ms goes out "
                                            "in one chunk (0: a chunk per token; default: the backend's).")
     model_path: str | None = Field(default=None, description="Resolved model file (set by the loader).")
+    options: dict[str, Any] = Field(default_factory=dict, description="The backend's own keys, validated against "
+                                    "its options_model (set by build_spec / check_backend_keys).")
 
     @field_validator("cache_quant", "draft_cache_quant", mode="before")
     @classmethod
@@ -116,7 +124,11 @@ class ModelSpec(BaseModel):
         return self.model_name or Path(self.model_id).name.removesuffix(".gguf")
 
 
-USER_KEYS = [name for name in ModelSpec.model_fields if name != "model_path"]
+USER_KEYS = [name for name in ModelSpec.model_fields if name not in ("model_path", "options")]
+KERNEL_KEYS = ("model_id", "model_name", "backend", "aliases")
+"""Keys every backend takes: which model, under which names, on which backend."""
+ENGINE_KEYS = tuple(name for name in USER_KEYS if name not in KERNEL_KEYS)
+"""Keys the kernel knows (types, help) that a backend applies only if it lists them in ``Backend.spec_keys``."""
 DRAFT_MODEL_KEYS = ("draft_gpus", "draft_cache_size", "draft_cache_quant")
 """Settings of a draft model's weights and cache: they need a draft model to apply to."""
 DRAFT_KEYS = ("draft_model_name", *DRAFT_MODEL_KEYS)
@@ -146,16 +158,32 @@ def unused_draft_keys(spec: ModelSpec, backend: str, model_free: frozenset[str] 
     return None
 
 
-def describe_keys() -> str:
-    """One line per valid ``-id`` key, with its meaning."""
+def accepted_keys(backend: type[Backend] | None) -> list[str]:
+    """The kernel's keys ``backend`` takes (all of them when ``backend`` is None or declares no ``spec_keys``)."""
+    declared = getattr(backend, "spec_keys", None)
+    return [name for name in USER_KEYS if declared is None or name in KERNEL_KEYS or name in declared]
+
+
+def backend_options(backend: type[Backend] | None) -> dict[str, Any]:
+    """The fields of ``backend``'s own ``options_model`` (name -> pydantic FieldInfo); none without one."""
+    model = getattr(backend, "options_model", None)
+    return dict(model.model_fields) if model is not None else {}
+
+
+def describe_keys(backend: type[Backend] | None = None) -> str:
+    """One line per valid ``-id`` key, with its meaning: the kernel's keys ``backend`` takes, then its own."""
     lines = []
-    for name in USER_KEYS:
+    for name in accepted_keys(backend):
         choices = " (one of FP16, Q8, Q6, Q4)" if name in ("cache_quant", "draft_cache_quant") else ""
         lines.append(f"  {name}: {ModelSpec.model_fields[name].description}{choices}")
+    for name, info in backend_options(backend).items():
+        default = "" if info.is_required() else f" (default: {info.get_default(call_default_factory=True)!r})"
+        kind = getattr(info.annotation, "__name__", None) or str(info.annotation)
+        lines.append(f"  {name}: {info.description or ''} [{kind}, {backend.name} backend]{default}")  # type: ignore
     return "\n".join(lines)
 
 
-def _format_validation(error: ValidationError, source: str) -> str:
+def _format_validation(error: ValidationError, source: str, backend: type[Backend] | None = None) -> str:
     problems = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "?"
@@ -163,7 +191,36 @@ def _format_validation(error: ValidationError, source: str) -> str:
             problems.append(f"unknown key '{key}'")
         else:
             problems.append(f"bad value for '{key}': {item['msg']} (got {item.get('input')!r})")
-    return f"{source}: " + "; ".join(problems) + "\nValid keys:\n" + describe_keys()
+    return f"{source}: " + "; ".join(problems) + _valid_keys(backend)
+
+
+def _valid_keys(backend: type[Backend] | None) -> str:
+    where = f" for the {backend.name} backend" if backend is not None else ""
+    return f"\nValid keys{where}:\n" + describe_keys(backend)
+
+
+def check_backend_keys(spec: ModelSpec, backend: type[Backend], source: str) -> ModelSpec:
+    """``spec`` checked against what ``backend`` declares: a kernel key it does not take (``spec_keys``) or a key
+    that is neither the kernel's nor in its ``options_model`` is a :class:`ConfigError` naming the valid keys; its
+    options come back validated, defaults filled. Idempotent (workers check again what the gateway checked)."""
+    accepted = set(accepted_keys(backend))
+    unused = [name for name in ENGINE_KEYS if name not in accepted and getattr(spec, name) not in (None, [])]
+    fields = backend_options(backend)
+    unknown = [name for name in spec.options if name not in fields]
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"{source}: unknown key{plural} {', '.join(repr(k) for k in unknown)}" + _valid_keys(backend))
+    if unused:
+        raise ConfigError(f"{source}: the {backend.name} backend does not use {', '.join(repr(k) for k in unused)}; "
+                          "remove it" + _valid_keys(backend))
+    model = getattr(backend, "options_model", None)
+    if model is None:
+        return spec
+    try:
+        values = model.model_validate(spec.options)
+    except ValidationError as error:
+        raise ConfigError(_format_validation(error, source, backend)) from None
+    return spec.model_copy(update={"options": values.model_dump(mode="json")})
 
 
 def parse_id_string(text: str) -> dict[str, str]:
@@ -230,8 +287,12 @@ def resolve_named_model(model_id: str, home: Path | None = None) -> str:
     return resolve_model_path(target)
 
 
-def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source: str) -> ModelSpec:
-    """Merge ``values`` over the config entry named by ``model_id`` (if any) and validate the result."""
+def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source: str,
+               backends: Mapping[str, type[Backend]] | None = None) -> ModelSpec:
+    """Merge ``values`` over the config entry named by ``model_id`` (if any) and validate the result. With
+    ``backends`` (the registered backend classes by name), the chosen backend must be one of them and the spec is
+    checked against its declaration (:func:`check_backend_keys`): keys beyond the kernel's are its options.
+    Without, every key must be the kernel's."""
     model_id = str(values.get("model_id", ""))
     merged: dict[str, Any]
     if model_id not in config and model_id in EMBEDDED_ENTRIES:
@@ -252,10 +313,21 @@ def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source
     for given in [values.get("model_name"), *_as_list(values.get("aliases"))]:
         if given is not None:
             check_served_name(str(given), f"{source}: model name")
+    backend = None
+    if backends is not None:
+        name = str(merged.get("backend", ModelSpec.model_fields["backend"].default)).lower()
+        if name not in backends:
+            raise ConfigError(f"{source}: backend '{name}' is not available (registered: "
+                              f"{', '.join(sorted(backends)) or 'none'}; see `gallama plugins`)")
+        backend = backends[name]
+        options = {key: merged.pop(key) for key in list(merged) if key not in USER_KEYS}
+        merged["options"] = options
     try:
         spec = ModelSpec.model_validate(merged)
     except ValidationError as error:
-        raise ConfigError(_format_validation(error, source)) from None
+        raise ConfigError(_format_validation(error, source, backend)) from None
+    if backend is not None:
+        spec = check_backend_keys(spec, backend, source)
     return spec.model_copy(update={"model_path": resolve_model_path(target)})
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import ConfigError, ModelSpec, Settings
+from .config import ConfigError, ModelSpec, Settings, check_backend_keys
 from .plugins import PluginHost, create_host
 
 console = Console(stderr=True)
@@ -56,6 +56,7 @@ def load_models(specs: list[ModelSpec], host: PluginHost, quiet: bool = False) -
                 hint = f"; plugins that failed to load: {'; '.join(failed)}" if failed else ""
                 raise ConfigError(f"model '{spec.name}': backend '{spec.backend}' is not available "
                                   f"(registered: {', '.join(sorted(backends)) or 'none'}){hint}")
+            spec = check_backend_keys(spec, backends[spec.backend], f"model '{spec.name}'")
             task = progress.add_task(f"loading {spec.name} ({spec.backend})", total=1.0)
             backend = backends[spec.backend](spec)
             backend.load(lambda fraction, task=task: progress.update(task, completed=fraction))

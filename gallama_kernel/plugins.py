@@ -38,6 +38,7 @@ class PluginRecord:
     hooks: list[str] = field(default_factory=list)
     status: str = "loaded"  # loaded | failed | disabled
     errors: list[str] = field(default_factory=list)  # "hook: error" (or the import's error), every one
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)  # registered backends and their model keys
 
     @property
     def error(self) -> str | None:
@@ -53,7 +54,7 @@ class PluginRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "hooks": self.hooks, "status": self.status,
-                "error": self.error, "errors": self.errors}
+                "error": self.error, "errors": self.errors, "backends": self.backends}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,18 @@ class RequestField:
     annotation: Any
     description: str
     plugin: str
+
+
+def describe_backend(backend: type[Backend]) -> dict[str, Any]:
+    """The model keys a backend takes: the kernel's (``keys``) and its own (``options``: type, default, help)."""
+    from .config import accepted_keys, backend_options
+
+    options = {}
+    for name, info in backend_options(backend).items():
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        options[name] = {"type": getattr(info.annotation, "__name__", None) or str(info.annotation),
+                         "required": info.is_required(), "default": default, "description": info.description}
+    return {"keys": accepted_keys(backend), "options": options}
 
 
 def _split(names: str | Iterable[str] | None) -> set[str] | None:
@@ -192,12 +205,17 @@ class PluginHost:
         if self._backends is None:
             found: dict[str, type[Backend]] = {}
 
-            def register(name: str, backend: type[Backend]) -> None:
-                if name in found and found[name] is not backend:
-                    raise ValueError(f"backend '{name}' is registered twice")
-                found[name] = backend
+            def registrar(plugin: str) -> Callable[..., None]:
+                def register(name: str, backend: type[Backend]) -> None:
+                    if name in found and found[name] is not backend:
+                        raise ValueError(f"backend '{name}' is registered twice")
+                    found[name] = backend
+                    record = self.records.setdefault(plugin, PluginRecord(plugin))
+                    record.backends[name] = describe_backend(backend)
 
-            self.call_each("register_backends", register=register)
+                return register
+
+            self.call_each("register_backends", per_plugin=lambda plugin: {"register": registrar(plugin)})
             self._backends = found
         return self._backends
 

@@ -84,8 +84,10 @@ class LoadFailed(APIError):
 class Gateway:
     """The pool plus the HTTP clients that talk to its workers."""
 
-    def __init__(self, pool: Pool, home: Any, access: Access | None = None, max_queue: int = MAX_QUEUE) -> None:
+    def __init__(self, pool: Pool, home: Any, access: Access | None = None, max_queue: int = MAX_QUEUE,
+                 host: PluginHost | None = None) -> None:
         self.pool = pool
+        self.backends = host.backends if host is not None else None  # specs are checked against their declarations
         self.home = home
         self.access = access if access is not None else Access(KeyStore(home, None, None))
         self.max_queue = max_queue
@@ -136,7 +138,7 @@ class Gateway:
         specs = []
         for index, item in enumerate(items):
             try:
-                spec = build_spec(item, config, f"model {index}")
+                spec = build_spec(item, config, f"model {index}", self.backends)
             except (ConfigError, ValidationError) as error:
                 raise InvalidRequest(str(error), param="model_id") from None
             specs.append(checked_spec(spec, f"model {index}"))
@@ -234,7 +236,7 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
     ``cors_origins``: the origins whose pages may call it (preflights answered, headers set); none by default.
     ``host``: the plugins the workers load (the same selection): their request fields are documented and their
     routes relayed (see plugin_routes.py)."""
-    gateway = Gateway(pool, home, access, max_queue)
+    gateway = Gateway(pool, home, access, max_queue, host)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

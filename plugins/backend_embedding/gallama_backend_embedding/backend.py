@@ -86,6 +86,7 @@ class EmbeddingBackend(Backend):
     """
 
     name = "embedding"
+    spec_keys = frozenset({"max_seq_len", "n_threads"})  # others are refused before loading (and by load)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -244,7 +245,7 @@ class EmbeddingBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(chat=False, embeddings=True, batching=True, max_concurrency=BATCH_SIZE)
+        return Capabilities(chat=False, embeddings=True, max_concurrency=BATCH_SIZE)
 
     def health(self) -> dict[str, object]:
         if self._engine is None:

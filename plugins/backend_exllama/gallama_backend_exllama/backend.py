@@ -230,9 +230,7 @@ class ExLlamaBackend(Backend):
     @property
     def capabilities(self) -> Capabilities:
         plan = self.plan
-        return Capabilities(batching=True, max_concurrency=plan.max_batch_size if plan else 1,
-                            grammar_kinds=frozenset({"lark"}) if self.grammars is not None else frozenset(),
-                            speculative=bool(plan and (plan.draft_path or plan.ngram_draft)))
+        return Capabilities(max_concurrency=plan.max_batch_size if plan else 1)
 
     def validate_grammar(self, grammar: Grammar) -> None:
         if self.grammars is None:

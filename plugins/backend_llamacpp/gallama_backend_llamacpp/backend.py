@@ -242,8 +242,7 @@ class LlamaCppBackend(Backend):
     @property
     def capabilities(self) -> Capabilities:
         engine = self._require()[1]
-        return Capabilities(batching=True, max_concurrency=engine.config.n_slots, grammar_kinds=frozenset({"lark"}),
-                            speculative=engine.drafter is not None)
+        return Capabilities(max_concurrency=engine.config.n_slots)
 
     def validate_grammar(self, grammar: Grammar) -> None:
         """Compile ``grammar`` with llguidance (cached for the request that follows); a broken one raises
