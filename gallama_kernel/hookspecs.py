@@ -2,6 +2,18 @@
 
 A plugin implements any of these with ``@gallama_kernel.hookimpl``. Hooks are called once per process
 (``register_*``) or once per request (``prepare_request``, ``response_transformers``) — never per token.
+
+Cost rules: a per-request hook runs on a preparation thread before the first token, inside the request's
+preparation budget, so it must not block on I/O or do work that grows with anything but the request itself; what
+runs per token is the transformer objects ``response_transformers`` returns, and their ``feed`` must stay cheap
+(no parsing of the whole text so far on every delta). Registration hooks run once per process at start.
+
+Order, the same for every hook: pluggy's. Implementations marked ``tryfirst=True`` run first and
+``trylast=True`` last; among the rest, the plugin registered last runs first (entry-point plugins register in the
+order Python's package metadata lists them, so a plugin that must come before or after another says so with
+``tryfirst`` / ``trylast``). Each ``prepare_request`` sees the plan as the implementations before it left it;
+transformers are fed in the order they are returned, the first implementation's first. ``wrapper=True`` is
+honoured on the per-request hooks and refused on the registration hooks (the plugin is then not loaded).
 """
 
 from __future__ import annotations
