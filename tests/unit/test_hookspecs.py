@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from starlette.testclient import TestClient
 from gallama_kernel import cli as gallama_cli
 from gallama_kernel import hookimpl, hookspecs
 from gallama_kernel.api.app import create_app
-from gallama_kernel.backend import Backend, GenerationEvent, GenerationRequest
 from gallama_kernel.config import ModelSpec
 from gallama_kernel.pipeline.models import ModelRegistry, ServedModel
 from gallama_kernel.pipeline.plan import RequestPlan
@@ -25,33 +23,10 @@ from gallama_kernel.pipeline.service import ChatService
 from gallama_kernel.plugins import PluginHost
 from gallama_kernel.protocol.errors import InvalidRequest
 from gallama_kernel.protocol.openai import ChatCompletionRequest, validate_request
+from gallama_kernel.testing import DummyBackend
 
 HOOK_NAMES = sorted(name for name, obj in vars(hookspecs).items()
                     if inspect.isfunction(obj) and hasattr(obj, "gallama_spec"))
-
-
-class DummyBackend(Backend):
-    """A backend that needs no model: tokens are code points, the stream echoes a fixed text."""
-
-    name = "dummy"
-
-    def load(self, progress=None) -> None:
-        if progress:
-            progress(1.0)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        yield GenerationEvent("hello", 1)
-        yield GenerationEvent("", 1, finish_reason="stop", prompt_tokens=len(request.prompt_tokens))
-
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return [ord(c) for c in text]
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return "".join(chr(t) for t in tokens)
-
-    @property
-    def context_length(self) -> int:
-        return 4096
 
 
 class OtherBackend(DummyBackend):

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import math
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,30 +15,19 @@ import pytest
 
 from gallama_backend_embedding.backend import EmbeddingBackend
 from gallama_kernel.api.app import create_app
-from gallama_kernel.backend import Backend, GenerationEvent, GenerationRequest, ProgressCallback
 from gallama_kernel.config import ModelSpec, build_spec
 from gallama_kernel.pipeline.models import ModelRegistry, ServedModel
 from gallama_kernel.plugins import create_host
+from gallama_kernel.testing import DummyBackend
 
 EMBEDDER = "all-minilm-l6-v2"
 
 
-class EchoChat(Backend):
+class EchoChat(DummyBackend):
     """A chat backend that answers "ok": enough to show which endpoints a chat model may use."""
 
     name = "echo"
-
-    def load(self, progress: ProgressCallback | None = None) -> None:
-        pass
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        yield GenerationEvent("ok", 1, "stop", prompt_tokens=len(request.prompt_tokens))
-
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return [ord(c) for c in text]
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return "".join(chr(t) for t in tokens)
+    reply = "ok"
 
     @property
     def context_length(self) -> int:
@@ -114,7 +103,7 @@ def test_base64_is_little_endian_float32_of_the_same_vector(api: Any) -> None:
     ({"input": "x", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
     ({"input": "x", "dimensions": 128}, "dimensions", "cannot produce embeddings of 128"),
     ({"input": "x", "stream": True}, "stream", "Unrecognized request argument"),
-    ({"input": "x", "artifact": True}, "artifact", "Unrecognized request argument"),
+    ({"input": "x", "artifact": True}, "artifact", "needs the plugin package"),
     ({"input": "word " * 300}, "input", "maximum context length is 256 tokens, but the input has 302"),
     ({"input": ["short", "word " * 300]}, "input", "input item 1 has 302 tokens"),
 ])
