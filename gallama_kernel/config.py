@@ -234,7 +234,7 @@ def parse_id_string(text: str) -> dict[str, str]:
         key, sep, value = token.partition("=")
         if not sep or not key:
             raise ConfigError(f"-id {text!r}: '{token}' is not key=value\nValid keys:\n" + describe_keys())
-        pairs[key.strip()] = value.strip()
+        pairs[key.strip()] = value  # shlex dropped unquoted blanks; quoted ones are the value's own
     if "model_id" not in pairs:
         raise ConfigError(f"-id {text!r}: model_id is required\nValid keys:\n" + describe_keys())
     return pairs

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel, Field
 
 from gallama_kernel.config import (
     CONFIG_FILE,
@@ -20,13 +21,16 @@ from gallama_kernel.config import (
     ConfigError,
     ModelSpec,
     Settings,
+    accepted_keys,
     build_spec,
+    check_backend_keys,
     describe_keys,
     draft_keys_given,
     load_model_config,
     parse_id_string,
     unused_draft_keys,
 )
+from gallama_kernel.testing import DummyBackend
 
 GALLAMA = str(Path(sys.executable).with_name("gallama"))
 
@@ -45,7 +49,7 @@ def config(model_file: Path) -> dict[str, dict]:
 
 
 def assert_lists_valid_keys(message: str) -> None:
-    assert "Valid keys:" in message
+    assert "Valid keys:" in message or "Valid keys for the llama_cpp backend:" in message
     for key in USER_KEYS:
         assert f"\n  {key}: " in message, f"valid key {key} is not listed"
     assert "model_path" not in message  # set by the loader, not a user key
@@ -299,3 +303,66 @@ def test_run_error_message_with_brackets_is_printed_verbatim(tmp_path: Path) -> 
     result = run_gallama(tmp_path, "run", "-id", 'model_id="smollm2')
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+# -- keys a backend declares --------------------------------------------------------------------------------
+
+class EchoOptions(BaseModel):
+    prefix: str = Field(default="echo: ", max_length=20, description="Text put before the echo.")
+    repeat: int = Field(default=1, ge=1, le=4, description="How many times to echo.")
+
+
+class DeclaringBackend(DummyBackend):
+    name = "declaring"
+    spec_keys = frozenset({"max_seq_len"})
+    options_model = EchoOptions
+
+
+BACKENDS = {"declaring": DeclaringBackend, "dummy": DummyBackend}
+
+
+def declared(model_file: Path, **values: object) -> ModelSpec:
+    return build_spec({"model_id": str(model_file), "backend": "declaring", **values}, {}, "-id test", BACKENDS)
+
+
+def test_backend_options_are_validated_with_defaults(model_file: Path) -> None:
+    spec = declared(model_file, repeat="2", max_seq_len="64")
+    assert spec.options == {"prefix": "echo: ", "repeat": 2} and spec.max_seq_len == 64
+    assert DeclaringBackend(spec).options == EchoOptions(repeat=2)
+    assert check_backend_keys(spec, DeclaringBackend, "again") == spec  # idempotent: workers check again
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({"colour": "red"}, "unknown key 'colour'\nValid keys for the declaring backend:"),
+    ({"repeat": "9"}, "bad value for 'repeat': Input should be less than or equal to 4"),
+    ({"cache_size": "4096"}, "the declaring backend does not use 'cache_size'; remove it"),
+    ({"gpus": "4,4", "n_threads": "2"}, "does not use 'gpus', 'n_threads'"),
+])
+def test_keys_a_backend_does_not_declare_are_refused_with_the_valid_ones(model_file: Path, values: dict,
+                                                                         expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        declared(model_file, **values)
+    message = str(caught.value)
+    assert expected in message
+    assert "  prefix: Text put before the echo. [str, declaring backend] (default: 'echo: ')" in message
+    assert "  max_seq_len: " in message and "  cache_size: " not in message
+
+
+def test_an_unregistered_backend_is_refused_naming_the_registered_ones(model_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"backend 'nope' is not available \(registered: declaring, dummy"):
+        build_spec({"model_id": str(model_file), "backend": "nope"}, {}, "-id test", BACKENDS)
+
+
+def test_a_backend_without_declarations_takes_every_kernel_key(model_file: Path) -> None:
+    spec = build_spec({"model_id": str(model_file), "backend": "dummy", "cache_size": "64", "tp": "true"}, {},
+                      "-id test", BACKENDS)
+    assert spec.cache_size == 64 and spec.options == {}
+    with pytest.raises(ConfigError, match="unknown key 'prefix'"):
+        build_spec({"model_id": str(model_file), "backend": "dummy", "prefix": "x"}, {}, "-id test", BACKENDS)
+
+
+def test_in_tree_backends_declare_what_they_apply() -> None:
+    from gallama_backend_embedding.backend import EmbeddingBackend
+
+    assert accepted_keys(EmbeddingBackend) == ["model_id", "model_name", "backend", "max_seq_len", "n_threads",
+                                               "aliases"]
