@@ -185,8 +185,11 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins_command(as_json: bool) -> None:
     """List plugins: name, version, hooks, and every error (loading, and each registration hook)."""
+    from .gateway.app import check_plugin_routes
+
     host = _host()
     host.run_registrations()
+    check_plugin_routes(host, Settings().home)  # routes the gateway would not relay are errors too
     records = host.summaries()
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in records], indent=2))

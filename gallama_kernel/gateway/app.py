@@ -397,6 +397,12 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
     return app
 
 
+def check_plugin_routes(host: PluginHost, home: Any) -> None:
+    """Learn the plugins' routes as ``gallama run``'s gateway would (nothing is served): a route it would not relay
+    is recorded against its plugin, for ``gallama plugins``."""
+    create_gateway(Pool({}), home, host=host)
+
+
 def _relay_plugin_routes(app: FastAPI, gateway: Gateway, host: PluginHost) -> None:
     """Add the plugins' routes to ``app``, each relayed to a worker, and their operations to its OpenAPI
     document (see plugin_routes.py for the rule)."""

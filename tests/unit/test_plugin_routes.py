@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from gallama_kernel.gateway.access import Access
-from gallama_kernel.gateway.app import create_gateway
+from gallama_kernel.gateway.app import check_plugin_routes, create_gateway
 from gallama_kernel.gateway.plugin_routes import discover
 from gallama_kernel.gateway.pool import Pool
 from gallama_kernel.keys import KeyStore
@@ -98,3 +98,10 @@ def test_gateway_checks_the_route_scope_before_relaying(tmp_path: Path):
         assert unserved.status_code == 503 and unserved.json()["error"]["code"] == "no_model_ready"
         named = client.get("/v1/things/x?model=nope", headers={"authorization": "Bearer inference-key"})
         assert named.status_code == 404 and named.json()["error"]["code"] == "model_not_found"
+
+
+def test_gallama_plugins_learns_the_routes_the_gateway_would_not_relay(tmp_path: Path):
+    host = host_with(clashing=Clashing())
+    check_plugin_routes(host, tmp_path)
+    assert any("GET /health is already served" in e for e in host.records["clashing"].errors)
+    assert not any(tmp_path.iterdir())  # nothing written, nothing started
