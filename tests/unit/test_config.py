@@ -364,5 +364,5 @@ def test_a_backend_without_declarations_takes_every_kernel_key(model_file: Path)
 def test_in_tree_backends_declare_what_they_apply() -> None:
     from gallama_backend_embedding.backend import EmbeddingBackend
 
-    assert accepted_keys(EmbeddingBackend) == ["model_id", "model_name", "backend", "max_seq_len", "n_threads",
-                                               "aliases"]
+    assert accepted_keys(EmbeddingBackend) == ["model_id", "model_name", "backend", "max_seq_len", "gpus",
+                                               "n_threads", "aliases"]

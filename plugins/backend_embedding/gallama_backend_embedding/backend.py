@@ -86,7 +86,8 @@ class EmbeddingBackend(Backend):
     """
 
     name = "embedding"
-    spec_keys = frozenset({"max_seq_len", "n_threads"})  # others are refused before loading (and by load)
+    # others are refused before loading; gpus is refused by load itself, saying why (this backend runs on the CPU)
+    spec_keys = frozenset({"max_seq_len", "n_threads", "gpus"})
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)

@@ -274,8 +274,8 @@ def test_cancellation_mid_generation_frees_the_slot(speculative):
     assert generate(speculative, chat("Name a colour."), max_tokens=4).completion_tokens == 4
 
 
-def test_capabilities_and_stats(lookup, reference):
-    assert lookup.capabilities.speculative
+def test_drafting_and_stats(lookup, reference):
+    assert lookup.engine.drafter is not None and reference.engine.drafter is None
     stats = lookup.health()
     assert stats["draft_proposed"] >= stats["draft_accepted"] >= 0
     plain = reference.health()
@@ -309,7 +309,7 @@ def test_prompt_lookup_takes_a_label(lookup):
     assert lookup.health()["draft_model"] == PROMPT_LOOKUP
     labelled = load(PROMPT_LOOKUP, slots=1, draft_model_name="ngrams")
     try:
-        assert labelled.health()["draft_model"] == "ngrams" and labelled.capabilities.speculative
+        assert labelled.health()["draft_model"] == "ngrams" and labelled.engine.drafter is not None
     finally:
         labelled.close()
 
