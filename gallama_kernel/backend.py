@@ -66,6 +66,7 @@ class GenerationEvent:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0  # of ``completion_tokens``: written by passes before the answer
+    stop_sequence: str | None = None  # the stop string that ended it (``StopMatcher.matched``), on the last event
 
 
 @dataclass(frozen=True)

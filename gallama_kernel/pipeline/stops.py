@@ -14,16 +14,20 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self._held = ""
+        self.matched: str | None = None
+        """The stop string that ended the generation, once ``feed`` said ``stopped`` (a backend reports it in
+        :attr:`GenerationEvent.stop_sequence`)."""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return ``(emit, stopped)``. After ``stopped`` the rest of the stream must be dropped."""
         if not self.stops:
             return text, False
         buffer = self._held + text
-        found = [(i + len(s), i) for s in self.stops if (i := buffer.find(s)) >= 0]
+        found = [(i + len(s), i, s) for s in self.stops if (i := buffer.find(s)) >= 0]
         if found:
             self._held = ""
-            return buffer[: min(found)[1]], True
+            _, start, self.matched = min(found)
+            return buffer[:start], True
         keep = self._partial_suffix(buffer)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[: len(buffer) - keep], False

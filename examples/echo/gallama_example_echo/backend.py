@@ -109,7 +109,8 @@ class EchoBackend(Backend):
             await asyncio.sleep(options.delay_ms / 1000)  # also where a cancelled stream stops
         else:
             held += stops.flush()
-        yield GenerationEvent(held, count, finish_reason=finish, prompt_tokens=len(request.prompt_tokens))
+        yield GenerationEvent(held, count, finish_reason=finish, prompt_tokens=len(request.prompt_tokens),
+                              stop_sequence=stops.matched)
 
 
 class _Utf8:

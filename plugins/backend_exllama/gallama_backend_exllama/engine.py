@@ -202,7 +202,7 @@ class GeneratorLoop:
         request.held = ""
         request.emit(GenerationEvent(text, count, finish,  # type: ignore[arg-type]
                                      prompt_tokens=prompt if prompt is not None else len(request.request.prompt_tokens),
-                                     cached_tokens=cached))
+                                     cached_tokens=cached, stop_sequence=request.stops.matched))
 
 
 def _cached(job: Any) -> int:

@@ -423,7 +423,8 @@ class Engine:
         job = slot.job
         assert job is not None
         event = GenerationEvent(slot.text + text, slot.generated, reason,  # type: ignore[arg-type]
-                                prompt_tokens=len(job.request.prompt_tokens), cached_tokens=slot.reused)
+                                prompt_tokens=len(job.request.prompt_tokens), cached_tokens=slot.reused,
+                                stop_sequence=slot.stops.matched if slot.stops is not None else None)
         self._release(slot)  # before emitting: whoever sees the last event sees the slot free
         job.emit(event)
 
