@@ -38,6 +38,13 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 SCOPE_KEY = "x-gallama-scope"
 ADMIN_SCOPE: dict[str, Any] = {SCOPE_KEY: "admin"}
 """``openapi_extra`` of a plugin route that only admin keys may call (``register_routes``)."""
+ERROR_FORMAT_KEY = "x-gallama-error-format"
+
+
+def error_format(name: str) -> dict[str, Any]:
+    """``openapi_extra`` of a route whose errors leave in the format ``name`` (``register_error_formats``);
+    merge it with :data:`ADMIN_SCOPE` when both apply: ``{**ADMIN_SCOPE, **error_format("x")}``."""
+    return {ERROR_FORMAT_KEY: name}
 
 
 @hookspec
@@ -104,6 +111,18 @@ def register_routes(app: FastAPI) -> None:
 
     :param app: the FastAPI application, before it starts serving. Use ``app.include_router`` or decorators
         (HTTP routes only: the gateway relays no mounted application or websocket).
+    """
+
+
+@hookspec
+def register_error_formats(register: Callable[[str, Callable[[int, dict[str, Any]], dict[str, Any]]], None]) -> None:
+    """Declare error formats: the shape errors take on the routes of another protocol. Called once per process.
+
+    :param register: call ``register(name, render)``; ``render(status, body)`` gets the HTTP status and the
+        error in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) and returns the body to
+        send instead. A route opts in with ``openapi_extra=error_format(name)``; every error of that route then
+        leaves in that shape, the gateway's own (401, 403, 404, 413, 415, 429, 503) included. ``render`` must not
+        raise; a name registered twice is an error.
     """
 
 

@@ -9,7 +9,11 @@ kernel's modules hold is internal and may change. Groups:
 
 * hooks: :data:`hookimpl` (the hook specifications and their documentation are ``gallama_kernel.hookspecs``);
 * routes: :data:`ADMIN_SCOPE` (a route for admin keys only), :func:`served_backend` (a model's backend, in a
-  worker's route);
+  worker's route), :func:`read_json` (a bounded, checked JSON body), :func:`unless_disconnected`,
+  :class:`EventStream` (server-sent events);
+* protocols: :class:`ChatPipeline` / :func:`chat_pipeline` (the kernel's chat pipeline for a route that speaks
+  another protocol), :func:`error_format` (a route's errors in a format from ``register_error_formats``),
+  :func:`usage_header` / :func:`usage_comment` (usage reported to the gateway);
 * backends: :class:`Backend` and the types of its contract (requests, events, sampling, capabilities, progress,
   prompt segments), :class:`ThreadJobs` and :func:`hold_text` for engines that run in a thread, :class:`Emit`;
 * features: :class:`RequestPlan`, :class:`GenerationPass`, :class:`Constraint` (and :func:`compile_constraint`),
@@ -23,6 +27,8 @@ kernel's modules hold is internal and may change. Groups:
 """
 
 from . import hookimpl
+from .api.http_input import read_json, unless_disconnected
+from .api.streaming import EventStream
 from .backend import (
     Backend,
     BackendError,
@@ -47,7 +53,8 @@ from .grammar.core import (
     trim_engine_message,
 )
 from .grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
-from .hookspecs import ADMIN_SCOPE
+from .hookspecs import ADMIN_SCOPE, error_format
+from .pipeline.chat import ChatPipeline, chat_pipeline, usage_comment, usage_header
 from .pipeline.constraints import Constraint, compile_constraint
 from .pipeline.models import served_backend
 from .pipeline.plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
@@ -57,11 +64,53 @@ from .protocol.errors import InvalidRequest
 from .protocol.openai import ChatCompletionRequest, CompletionRequest
 
 __all__ = [
-    "ADMIN_SCOPE", "DRAFT_KEYS", "MATCHER_CACHE_SIZE", "SEGMENT", "Backend", "BackendError", "Capabilities",
-    "ChatCompletionRequest", "CompletionRequest", "ConfigError", "Constraint", "Delta", "Emit", "GenerationEvent",
-    "GenerationPass", "GenerationRequest", "Grammar", "GrammarBuilder", "GrammarError", "InvalidRequest",
-    "MatcherCache", "ModelSpec", "ProgressCallback", "PromptSegment", "RequestPlan", "ResponseTransformer",
-    "SamplingParams", "StopMatcher", "ThreadJobs", "add_system_text", "compile_constraint", "draft_keys_given",
-    "escape_regex", "hold_text", "hookimpl", "literal", "regex_literal", "resolve_named_model",
-    "served_backend", "trim_engine_message", "unused_draft_keys",
+    "ADMIN_SCOPE",
+    "DRAFT_KEYS",
+    "MATCHER_CACHE_SIZE",
+    "SEGMENT",
+    "Backend",
+    "BackendError",
+    "Capabilities",
+    "ChatCompletionRequest",
+    "ChatPipeline",
+    "CompletionRequest",
+    "ConfigError",
+    "Constraint",
+    "Delta",
+    "Emit",
+    "EventStream",
+    "GenerationEvent",
+    "GenerationPass",
+    "GenerationRequest",
+    "Grammar",
+    "GrammarBuilder",
+    "GrammarError",
+    "InvalidRequest",
+    "MatcherCache",
+    "ModelSpec",
+    "ProgressCallback",
+    "PromptSegment",
+    "RequestPlan",
+    "ResponseTransformer",
+    "SamplingParams",
+    "StopMatcher",
+    "ThreadJobs",
+    "add_system_text",
+    "chat_pipeline",
+    "compile_constraint",
+    "draft_keys_given",
+    "error_format",
+    "escape_regex",
+    "hold_text",
+    "hookimpl",
+    "literal",
+    "read_json",
+    "regex_literal",
+    "resolve_named_model",
+    "served_backend",
+    "trim_engine_message",
+    "unless_disconnected",
+    "unused_draft_keys",
+    "usage_comment",
+    "usage_header",
 ]

@@ -26,7 +26,8 @@ from .backend import Backend
 
 ENTRY_POINT_GROUP = PROJECT_NAME
 REGISTRATION_HOOKS = frozenset({"register_backends", "register_request_fields", "register_routes",
-                                "register_commands", "register_models"})
+                                "register_commands", "register_models", "register_error_formats"})
+ErrorFormat = Callable[[int, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -101,6 +102,7 @@ class PluginHost:
         self.records: dict[str, PluginRecord] = {}
         self._backends: dict[str, type[Backend]] | None = None
         self._fields: dict[str, RequestField] | None = None
+        self._formats: dict[str, ErrorFormat] | None = None
 
     # -- loading ---------------------------------------------------------------------------------------
     def is_enabled(self, name: str) -> bool:
@@ -131,12 +133,12 @@ class PluginHost:
         self.pm.register(plugin, name=name)
         self.records[name] = PluginRecord(name, version, hooks=self._hooks_of(name))
         self._refuse_wrapped_registration(name)
-        self._backends = self._fields = None
+        self._backends = self._fields = self._formats = None
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self.records.pop(name, None)
-        self._backends = self._fields = None
+        self._backends = self._fields = self._formats = None
 
     def _hooks_of(self, name: str) -> list[str]:
         plugin = self.pm.get_plugin(name)
@@ -196,6 +198,7 @@ class PluginHost:
 
         self.backends  # noqa: B018  (each property runs its hook once)
         self.request_fields  # noqa: B018
+        self.error_formats  # noqa: B018
         load_catalog(self)
         self.call_each("register_commands", cli=cli if cli is not None else click.Group())
 
@@ -235,6 +238,22 @@ class PluginHost:
             self.call_each("register_request_fields", per_plugin=lambda plugin: {"register": registrar(plugin)})
             self._fields = found
         return self._fields
+
+    @property
+    def error_formats(self) -> dict[str, ErrorFormat]:
+        """Error formats by name (``register_error_formats``)."""
+        if self._formats is None:
+            found: dict[str, ErrorFormat] = {}
+
+            def register(name: str, render: ErrorFormat) -> None:
+                if name in found or not callable(render):
+                    raise ValueError(f"error format '{name}' is registered twice" if name in found
+                                     else f"error format '{name}': render must be callable")
+                found[name] = render
+
+            self.call_each("register_error_formats", register=register)
+            self._formats = found
+        return self._formats
 
     def summaries(self) -> list[PluginRecord]:
         return sorted(self.records.values(), key=lambda r: r.name)

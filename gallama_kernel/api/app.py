@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from .. import __version__
+from ..pipeline.chat import ChatPipeline
 from ..pipeline.models import ModelRegistry
 from ..pipeline.service import ChatService
 from ..plugins import PluginHost
@@ -27,8 +28,10 @@ def create_app(registry: ModelRegistry, host: PluginHost) -> FastAPI:
     app = FastAPI(title="gallama", version=__version__, lifespan=lifespan)
     app.state.registry = registry
     app.state.plugins = host
-    install_error_handlers(app)
-    app.include_router(build_router(ChatService(registry, host), host))
+    install_error_handlers(app, host.error_formats)
+    service = ChatService(registry, host)
+    app.state.chat_pipeline = ChatPipeline(service)  # for protocol plugins' routes (pipeline/chat.py)
+    app.include_router(build_router(service, host))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -37,7 +37,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..api.documents import BODY_MODELS, body_schema
-from ..api.errors import install_error_handlers
+from ..api.errors import install_error_handlers, render_error
 from ..api.http_input import (
     INLINE_PARSE_BYTES,
     check_content_type,
@@ -49,6 +49,7 @@ from ..api.http_input import (
 from ..api.streaming import EventStream
 from ..config import ConfigError, ModelSpec, build_spec, check_model_path, check_served_name, load_model_config
 from ..keys import KeyStore
+from ..pipeline.chat import USAGE_HEADER
 from ..plugins import PluginHost
 from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, TooManyRequests, error_body
 from . import mixture, plugin_routes
@@ -180,8 +181,9 @@ class Gateway:
                 upstream.close()
                 release()
             if record is not None and upstream.status == 200:
+                reported = upstream.headers.get(USAGE_HEADER)  # a protocol plugin's report (pipeline/chat.py)
                 with contextlib.suppress(ValueError, AttributeError):
-                    record.count(json.loads(data).get("usage"))
+                    record.count(json.loads(reported) if reported else json.loads(data).get("usage"))
             return Response(data, status_code=upstream.status, media_type=content_type)
 
         async def relay() -> AsyncIterator[bytes]:
@@ -413,6 +415,15 @@ def _relay_plugin_routes(app: FastAPI, gateway: Gateway, host: PluginHost) -> No
 
     def relay(route: plugin_routes.PluginRoute) -> Any:
         async def relayed(request: Request) -> Response:
+            try:
+                return await serve(request)
+            except APIError as error:  # in the route's own error format (the app's handlers answer OpenAI's)
+                rendered = render_error(host.error_formats, route.error_format, error.status, error.body())
+                headers = {**(error.headers or {}), **({"connection": "close"} if error.status in (408, 413)
+                                                       else {})}
+                return JSONResponse(rendered, status_code=error.status, headers=headers or None)
+
+        async def serve(request: Request) -> Response:
             principal = gateway.access.authorize(request.headers, route.scope)
             record = record_of(request.scope)
             if record is not None and principal is not None:

@@ -7,10 +7,11 @@ learn the routes (path, methods, scope, OpenAPI operation); the workers run the 
 A relayed request goes to a replica of the model its JSON body names in ``model`` (or the ``model`` query
 parameter); with no model named, to a replica of the first model that is ready. Bodies are JSON (415 otherwise),
 bounded like every other body. A route needs an inference key once keys exist, or an admin key when it is declared
-with ``openapi_extra=ADMIN_SCOPE``. A path and method the gateway already serves, or that an earlier plugin added,
-is not relayed; the clash is recorded against the plugin (``gallama plugins`` shows it). Only HTTP routes are
-relayed, those the plugin's OpenAPI document lists (``include_in_schema=False`` keeps a route worker-only): a
-mounted application or a websocket route is recorded as an error.
+with ``openapi_extra=ADMIN_SCOPE``. A route with ``openapi_extra=error_format(name)`` gets every error, the
+gateway's own included, in that registered format. A path and method the gateway already serves, or that an
+earlier plugin added, is not relayed; the clash is recorded against the plugin (``gallama plugins`` shows it).
+Only HTTP routes are relayed, those the plugin's OpenAPI document lists (``include_in_schema=False`` keeps a route
+worker-only): a mounted application or a websocket route is recorded as an error.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.routing import Mount, WebSocketRoute
 
-from ..hookspecs import SCOPE_KEY
+from ..hookspecs import ERROR_FORMAT_KEY, SCOPE_KEY
 from ..plugins import PluginHost
 
 SCOPES = ("inference", "admin")
@@ -38,6 +39,7 @@ class PluginRoute:
     methods: frozenset[str]
     scope: str
     name: str
+    error_format: str | None = None
 
 
 @dataclass
@@ -83,6 +85,11 @@ def discover(host: PluginHost, taken: set[tuple[str, str]]) -> PluginRoutes:
 def _keep(found: PluginRoutes, host: PluginHost, plugin: str, path: str, method: str, operation: dict[str, Any],
           taken: set[tuple[str, str]]) -> None:
     scope = operation.get(SCOPE_KEY, "inference")
+    error_format = operation.get(ERROR_FORMAT_KEY)
+    if error_format is not None and error_format not in host.error_formats:
+        host.record_error(plugin, "register_routes", f"{method.upper()} {path}: error format {error_format!r} is not "
+                          "registered (register_error_formats); its errors leave in OpenAI's shape")
+        error_format = None
     if (path, method.upper()) in taken:
         host.record_error(plugin, "register_routes", f"{method.upper()} {path} is already served by the gateway or "
                           "another plugin; not relayed")
@@ -92,6 +99,6 @@ def _keep(found: PluginRoutes, host: PluginHost, plugin: str, path: str, method:
     else:
         taken.add((path, method.upper()))
         found.routes.append(PluginRoute(plugin, path, frozenset({method.upper()}), scope,
-                                        str(operation.get("operationId", path))))
+                                        str(operation.get("operationId", path)), error_format))
         operation = {**operation, "tags": [*operation.get("tags", []), f"plugin: {plugin}"]}
         found.paths.setdefault(path, {})[method] = operation

@@ -135,7 +135,7 @@ def _with_passes(event: GenerationEvent, passes: GenerationEvent) -> GenerationE
     return GenerationEvent(event.text, event.completion_tokens + passes.completion_tokens, event.finish_reason,
                            prompt_tokens=event.prompt_tokens + passes.prompt_tokens,
                            cached_tokens=event.cached_tokens + passes.cached_tokens,
-                           reasoning_tokens=passes.completion_tokens)
+                           reasoning_tokens=passes.completion_tokens, stop_sequence=event.stop_sequence)
 
 
 def _has_output(message: dict[str, Any]) -> bool:
@@ -170,6 +170,7 @@ class Prepared:
     requested_tokens: int | None = None
     emit_interval_s: float = math.inf  # set for streams from the backend's stream_interval_s
     final_usage: dict[str, Any] | None = None  # a stream's usage once it finished (asked for or not)
+    stop_sequence: str | None = None  # the stop string that ended the answer, once it finished
 
     def streaming(self) -> Prepared:
         """Mark the response as streamed: text is emitted as the backend's stream interval allows."""
@@ -361,6 +362,8 @@ class ChatService:
                     finish = "tool_calls"
             if final and reasoning is not None:
                 event = _with_passes(event, reasoning)
+            if final:
+                prepared.stop_sequence = event.stop_sequence
             yield deltas, event, finish
 
     async def chat_completion(self, prepared: Prepared) -> dict[str, Any]:

@@ -360,6 +360,44 @@ def test_hook_register_routes() -> None:
         assert client.get("/v1/models").json() == {"object": "list", "data": []}
 
 
+def test_hook_register_error_formats() -> None:
+    """A route that asks for a format gets every error in it; other routes keep OpenAI's shape; a renderer that
+    raises falls back to OpenAI's shape; a name registered twice is the second plugin's error."""
+    from gallama_kernel.plugin import error_format
+
+    class Plugin:
+        @hookimpl
+        def register_error_formats(self, register):
+            register("plain", lambda status, body: {"status": status, "said": body["error"]["message"]})
+            register("broken", lambda status, body: 1 / 0)
+
+        @hookimpl
+        def register_routes(self, app):
+            @app.post("/v1/plain", openapi_extra=error_format("plain"))
+            async def plain() -> None:
+                raise InvalidRequest("no good", param="x")
+
+            @app.post("/v1/broken", openapi_extra=error_format("broken"))
+            async def broken() -> None:
+                raise InvalidRequest("still no good")
+
+    class Twice:
+        @hookimpl
+        def register_error_formats(self, register):
+            register("plain", lambda status, body: body)
+
+    host = PluginHost()
+    host.register(Twice(), "twice")
+    host.register(Plugin(), "formats")  # registered last: called first (pluggy's order)
+    app = create_app(ModelRegistry(), host)
+    assert set(host.error_formats) == {"plain", "broken"}
+    assert "error format 'plain' is registered twice" in (host.records["twice"].error or "")
+    with TestClient(app) as client:
+        assert client.post("/v1/plain").json() == {"status": 400, "said": "no good"}
+        assert client.post("/v1/broken").json()["error"]["message"] == "still no good"
+        assert client.post("/v1/chat/completions", json={}).json()["error"]["type"] == "invalid_request_error"
+
+
 def test_hook_register_routes_failure_does_not_break_the_app() -> None:
     class Broken:
         @hookimpl

@@ -37,7 +37,9 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from gallama_kernel import hookimpl
 from gallama_kernel.plugin import (
@@ -54,6 +56,8 @@ from .template import PARAM, ThinkingTemplate, parse_template
 log = logging.getLogger("gallama.thinking")
 
 DEFAULT_MAX_TOKENS = 512
+MAX_BUDGET = 32_768
+"""Largest ``thinking_budget`` a request may ask for."""
 """Token budget of the thinking pass (``GALLAMA_THINKING_MAX_TOKENS`` overrides it)."""
 
 MAX_TOKENS_ENV = "GALLAMA_THINKING_MAX_TOKENS"
@@ -94,6 +98,8 @@ class ThinkingState:
 
     template: ThinkingTemplate
     show_as: ShowAs
+    budget: int | None = None
+    """Most tokens of the thinking pass (the request's ``thinking_budget``; default :func:`thinking_max_tokens`)."""
     pending: str = ""
     """Text of the thinking block that was fed to the model but not sent as the pass's output (set by
     :meth:`done`; sent by :class:`ThinkingJoiner` before the answer)."""
@@ -115,7 +121,8 @@ class ThinkingState:
 
     def generation_pass(self) -> GenerationPass:
         return GenerationPass(opening=self.template.opening, constraint=self.template.constraint(),
-                              max_tokens=thinking_max_tokens(), show_as=self.show_as, done=self.done)
+                              max_tokens=self.budget or thinking_max_tokens(), show_as=self.show_as,
+                              done=self.done)
 
 
 class ThinkingJoiner:
@@ -147,6 +154,8 @@ def register_request_fields(register: Callable[[str, Any, str], None]) -> None:
     register("return_thinking", ReturnThinking,
              "Where the thinking goes: false (hidden, default), true (start of content), \"separate\" "
              "(reasoning_content).")
+    register("thinking_budget", Annotated[int, Field(ge=1, le=MAX_BUDGET)] | None,
+             "Most tokens the thinking pass may write (default: GALLAMA_THINKING_MAX_TOKENS or 512).")
 
 
 @hookimpl
@@ -154,12 +163,15 @@ def prepare_request(request: ChatCompletionRequest, plan: RequestPlan) -> None:
     fields = request.extensions
     source = fields.get("thinking_template")
     return_thinking: ReturnThinking = fields.get("return_thinking", False)
+    budget = fields.get("thinking_budget")
     if source is None:
         if return_thinking is not False:
             raise InvalidRequest("return_thinking needs a thinking_template.", param="return_thinking")
+        if budget is not None:
+            raise InvalidRequest("thinking_budget needs a thinking_template.", param="thinking_budget")
         return
     template = parse_template(source)
-    state = ThinkingState(template, show_as(return_thinking))
+    state = ThinkingState(template, show_as(return_thinking), budget)
     plan.messages = add_system_text(plan.messages, template.instructions())
     plan.passes.append(state.generation_pass())
     plan.state[_STATE_KEY] = state
