@@ -307,7 +307,7 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
         return proxied
 
     for path in PROXIED:  # documented with the workers' request schemas, plugin fields included
-        app.add_api_route(path, endpoint(path), methods=["POST"], name=path.rsplit("/", 1)[-1],
+        app.add_api_route(path, endpoint(path), methods=["POST"], name=path.strip("/").replace("/", "_"),
                           openapi_extra=body_schema(BODY_MODELS[path], host))
 
     def card(group: Any) -> dict[str, Any]:

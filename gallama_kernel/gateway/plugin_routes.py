@@ -100,5 +100,6 @@ def _keep(found: PluginRoutes, host: PluginHost, plugin: str, path: str, method:
         taken.add((path, method.upper()))
         found.routes.append(PluginRoute(plugin, path, frozenset({method.upper()}), scope,
                                         str(operation.get("operationId", path)), error_format))
-        operation = {**operation, "tags": [*operation.get("tags", []), f"plugin: {plugin}"]}
+        operation = {**operation, "tags": [*operation.get("tags", []), f"plugin: {plugin}"],  # ids unique:
+                     "operationId": f"{plugin}_{operation.get('operationId', method + path)}"}  # plugins may clash
         found.paths.setdefault(path, {})[method] = operation

@@ -89,6 +89,8 @@ def test_gateway_checks_the_route_scope_before_relaying(tmp_path: Path):
         document = client.get("/openapi.json").json()
         assert {"/v1/things/{thing}", "/v1/admin-thing"} <= set(document["paths"])
         assert "/hidden" not in document["paths"]
+        ids = [operation["operationId"] for item in document["paths"].values() for operation in item.values()]
+        assert len(ids) == len(set(ids)) and "things_thing_v1_things__thing__get" in ids
         assert client.get("/hidden").status_code == 404  # not relayed: left out of the schema
         assert client.get("/v1/things/x").status_code == 401
         refused = client.post("/v1/admin-thing", headers={"authorization": "Bearer inference-key"}, json={})
