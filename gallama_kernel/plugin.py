@@ -13,7 +13,8 @@ kernel's modules hold is internal and may change. Groups:
   :class:`EventStream` (server-sent events);
 * protocols: :class:`ChatPipeline` / :func:`chat_pipeline` (the kernel's chat pipeline for a route that speaks
   another protocol), :func:`error_format` (a route's errors in a format from ``register_error_formats``),
-  :func:`usage_header` / :func:`usage_comment` (usage reported to the gateway);
+  :func:`usage_header` / :func:`usage_comment` (usage reported to the gateway), :func:`caller_key` (the key that
+  called, for what a plugin keeps per caller), :func:`gallama_home` (where a plugin keeps its files);
 * backends: :class:`Backend` and the types of its contract (requests, events, sampling, capabilities, progress,
   prompt segments), :class:`ThreadJobs` and :func:`hold_text` for engines that run in a thread, :class:`Emit`;
 * features: :class:`RequestPlan`, :class:`GenerationPass`, :class:`Constraint` (and :func:`compile_constraint`),
@@ -54,7 +55,7 @@ from .grammar.core import (
 )
 from .grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
 from .hookspecs import ADMIN_SCOPE, error_format
-from .pipeline.chat import ChatPipeline, chat_pipeline, usage_comment, usage_header
+from .pipeline.chat import ChatPipeline, caller_key, chat_pipeline, gallama_home, usage_comment, usage_header
 from .pipeline.constraints import Constraint, compile_constraint
 from .pipeline.models import served_backend
 from .pipeline.plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
@@ -96,11 +97,13 @@ __all__ = [
     "StopMatcher",
     "ThreadJobs",
     "add_system_text",
+    "caller_key",
     "chat_pipeline",
     "compile_constraint",
     "draft_keys_given",
     "error_format",
     "escape_regex",
+    "gallama_home",
     "hold_text",
     "hookimpl",
     "literal",

@@ -49,7 +49,7 @@ from ..api.http_input import (
 from ..api.streaming import EventStream
 from ..config import ConfigError, ModelSpec, build_spec, check_model_path, check_served_name, load_model_config
 from ..keys import KeyStore
-from ..pipeline.chat import USAGE_HEADER
+from ..pipeline.chat import CALLER_HEADER, USAGE_HEADER
 from ..plugins import PluginHost
 from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, TooManyRequests, error_body
 from . import mixture, plugin_routes
@@ -147,7 +147,8 @@ class Gateway:
 
     # -- proxying ------------------------------------------------------------------------------------------
     async def forward(self, worker: Worker, path: str, body: bytes, stream: bool,
-                      record: CallRecord | None = None, method: str = "POST") -> Response:
+                      record: CallRecord | None = None, method: str = "POST",
+                      headers: dict[str, str] | None = None) -> Response:
         """Send ``body`` to ``worker`` (``path`` may carry a query string); the response (SSE included) goes back
         as it arrives. Its usage is added to ``record``."""
         worker.outstanding += 1
@@ -160,9 +161,9 @@ class Gateway:
                 worker.outstanding -= 1
 
         try:
-            headers = {REQUEST_ID_HEADER: record.request_id} if record is not None else None
+            sent = {**({REQUEST_ID_HEADER: record.request_id} if record is not None else {}), **(headers or {})}
             upstream = await self.upstream.request(method, "127.0.0.1", worker.port or 0, path, body,
-                                                   headers=headers)
+                                                   headers=sent or None)
         except UpstreamError as error:
             release()
             raise ServiceUnavailable(f"The model '{worker.spec.name}' is unavailable ({error}); it is being "
@@ -452,7 +453,9 @@ def _relay_plugin_routes(app: FastAPI, gateway: Gateway, host: PluginHost) -> No
             if request.scope.get("query_string"):
                 target += b"?" + request.scope["query_string"]
             worker = gateway.pick(group)
-            reply = gateway.forward(worker, target.decode("latin-1"), raw, False, record, method=request.method)
+            caller = {CALLER_HEADER: principal.key_id if principal is not None else ""}
+            reply = gateway.forward(worker, target.decode("latin-1"), raw, False, record, method=request.method,
+                                    headers=caller)
             return await unless_disconnected(request, reply)
 
         return relayed

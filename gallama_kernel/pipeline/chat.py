@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from ..config import Settings
 from ..protocol.errors import ServiceUnavailable
 from ..protocol.openai import ChatCompletionRequest, validate_request
 from .service import ChatService, Prepared, off_loop
@@ -55,6 +57,22 @@ class ChatPipeline:
         and the ``usage``. Closing the iterator early (a client that went away) ends the generation and frees its
         slot. A failure after the first chunk is raised from the iterator."""
         return self._service.chat_chunks(prepared, include_usage=True)
+
+
+CALLER_HEADER = "x-gallama-key-id"
+"""Request header the gateway sets on a relayed plugin route: the id of the key that called (empty without keys).
+Workers take requests from the gateway only (its per-run secret), so the value is the gateway's own."""
+
+
+def caller_key(request: Any) -> str:
+    """The id of the key that called a plugin route (``""`` when no keys are configured): what a plugin that keeps
+    things per caller (stored responses) files them under."""
+    return str(request.headers.get(CALLER_HEADER, ""))
+
+
+def gallama_home() -> Path:
+    """``GALLAMA_HOME_PATH``: where a plugin keeps its files."""
+    return Settings().home
 
 
 USAGE_HEADER = "x-gallama-usage"
