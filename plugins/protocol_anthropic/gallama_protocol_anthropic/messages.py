@@ -83,6 +83,7 @@ class EventWriter:
         self.client_stops = client_stops
         self.index = -1
         self.open: str | None = None  # "thinking" | "text" | "tool:<n>"
+        self.finish: str | None = None
 
     def start(self) -> bytes:
         tokens = len(self.prepared.generation.prompt_tokens)
@@ -133,7 +134,7 @@ class EventWriter:
 
     def end(self) -> bytes:
         usage = self.prepared.final_usage
-        reason, sequence = stop_reason(getattr(self, "finish", None), self.prepared.stop_sequence, self.client_stops)
+        reason, sequence = stop_reason(self.finish, self.prepared.stop_sequence, self.client_stops)
         # the whole usage (the cache reads are known only now): the clients' accumulators take it over the start's
         delta = {"delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": anthropic_usage(usage)}
         return self._stop() + event("message_delta", delta) + event("message_stop", {})
