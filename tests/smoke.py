@@ -3,8 +3,8 @@
 Run by ``make smoke`` with the system Python; it uses the standard library only, so nothing that the test extra
 installs can hide a missing runtime dependency. It starts ``make run`` (HOST/PORT overridden: 127.0.0.1 and a free
 port; a fresh GALLAMA_HOME_PATH), waits until it is ready, checks what it printed, lists ``/v1/models``, sends one
-chat request, one streamed chat request and one ``/v1/completions`` request, and stops it. Then it starts it a
-second time and checks that make installed nothing again. Exits non-zero on the first failure.
+chat request, one streamed chat request, one ``/v1/completions``, one ``/v1/messages`` and one ``/v1/responses``
+request, and stops it. Then it starts it a second time and checks that make installed nothing again. Exits non-zero on the first failure.
 
     python3 tests/smoke.py [--make "make run VENV=.venv-smoke"] [--timeout 600]
 """
@@ -121,6 +121,15 @@ def check_requests(base: str) -> None:
     expect(status == 200, f"POST /v1/completions: {status} {body[:500]!r}")
     expect(bool(json.loads(body)["choices"][0]["text"]), f"empty completion: {body[:500]!r}")
 
+    # the protocol plugins `make install` brings: Anthropic Messages and OpenAI Responses
+    message = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]}
+    status, body = call(base, "/v1/messages", message)
+    expect(status == 200, f"POST /v1/messages: {status} {body[:500]!r}")
+    expect(json.loads(body)["content"][0]["type"] == "text", f"no text block: {body[:500]!r}")
+    status, body = call(base, "/v1/responses", {"model": MODEL, "input": "Say hello.", "max_output_tokens": 8})
+    expect(status == 200, f"POST /v1/responses: {status} {body[:500]!r}")
+    expect(json.loads(body)["output"][0]["type"] == "message", f"no message item: {body[:500]!r}")
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -141,8 +150,8 @@ def main() -> int:
                 if attempt == "second":
                     expect("pip install" not in printed, f"the second make run installed again:\n{printed}")
                 check_requests(server.base)
-                print(f"smoke: {attempt} make run ready in {seconds:.1f} s on {server.base}; models, chat, stream "
-                      "and completions answered")
+                print(f"smoke: {attempt} make run ready in {seconds:.1f} s on {server.base}; models, chat, stream, "
+                      "completions, messages and responses answered")
             except SmokeFailure as failure:
                 print(f"smoke: FAILED ({attempt} make run): {failure}", file=sys.stderr)
                 return 1
