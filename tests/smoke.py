@@ -4,7 +4,8 @@ Run by ``make smoke`` with the system Python; it uses the standard library only,
 installs can hide a missing runtime dependency. It starts ``make run`` (HOST/PORT overridden: 127.0.0.1 and a free
 port; a fresh GALLAMA_HOME_PATH), waits until it is ready, checks what it printed, lists ``/v1/models``, sends one
 chat request, one streamed chat request, one ``/v1/completions``, one ``/v1/messages`` and one ``/v1/responses``
-request, and stops it. Then it starts it a second time and checks that make installed nothing again. Exits non-zero on the first failure.
+request, and stops it. Then it starts it a second time and checks that make installed nothing again. Exits
+non-zero on the first failure.
 
     python3 tests/smoke.py [--make "make run VENV=.venv-smoke"] [--timeout 600]
 """

@@ -151,12 +151,12 @@ def validate(body: Any) -> ResponsesRequest:
     """``body`` as a :class:`ResponsesRequest`, or a 400 that names the first problem."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    for name in ("tools",):
-        for index, tool in enumerate(body.get(name) if isinstance(body.get(name), list) else []):
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind != "function":
-                raise InvalidRequest(f"tools.{index}: tools of type {kind!r} are not supported by this server "
-                                     "(function tools are)", param=f"tools.{index}.type", code="unsupported_tool")
+    tools = body.get("tools")
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise InvalidRequest(f"tools.{index}: tools of type {kind!r} are not supported by this server "
+                                 "(function tools are)", param=f"tools.{index}.type", code="unsupported_tool")
     for name in ("conversation", "prompt", "top_logprobs", "max_tool_calls"):
         if body.get(name) is not None:
             raise InvalidRequest(f"'{name}' is not supported by this server.", param=name,
