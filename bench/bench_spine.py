@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Spine benchmark: gallama vs llama-cpp-python's own server vs a bare llama.cpp decode loop.
+"""Spine benchmark: gallama vs llama-cpp-python's own server (and llama.cpp's own llama-server, when built with
+``make llama-server``) vs a bare llama.cpp decode loop.
 
 One run starts gallama (default threads, plus optional ``n_threads`` variants) and ``python -m llama_cpp.server``
 (once per ``--peer-threads`` value and ``--peer-flash-attn`` setting) on free 127.0.0.1 ports, all serving the
@@ -177,10 +178,11 @@ class ServerStartError(RuntimeError):
 @dataclass
 class ServerSpec:
     name: str
-    kind: str  # "gallama" or "peer"
+    kind: str  # "gallama", "peer" (llama-cpp-python's server) or "llama-server" (llama.cpp's own)
     threads: int | None  # None: the server's default
     flash_attn: bool = False  # peer only (its default is off; gallama follows llama.cpp's choice)
     keys: str = ""  # gallama only: more -id keys
+    binary: str = ""  # llama-server only: its executable
 
     def argv(self, port: int, gguf: Path) -> list[str]:
         if self.kind == "gallama":
@@ -189,6 +191,9 @@ class ServerSpec:
             if keys:
                 argv += ["-id", f"model_id={GALLAMA_MODEL} {keys}"]
             return argv
+        if self.kind == "llama-server":  # a slot per concurrent stream, each with the context gallama's slots have
+            return [self.binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(self.threads),
+                    "-c", str(N_CTX * CONCURRENCY), "-np", str(CONCURRENCY)]
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                 "--port", str(port), "--n_threads", str(self.threads), "--n_ctx", str(N_CTX),
                 "--flash_attn", str(self.flash_attn)]
@@ -507,6 +512,7 @@ class Plan:
     peer_flash_attn: list[bool] = field(default_factory=lambda: [False, True])
     per_token: bool = False  # also gallama with a chunk per token (stream_interval_ms=0)
     default_threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    llama_server: str | None = None  # llama.cpp's own llama-server (make llama-server), a second peer
 
     def specs(self) -> list[ServerSpec]:
         specs = [ServerSpec("gallama", "gallama", None)]
@@ -515,6 +521,9 @@ class Plan:
         specs += [ServerSpec(f"gallama t={t}", "gallama", t) for t in self.gallama_threads]
         specs += [ServerSpec(f"peer t={t}{' fa' if fa else ''}", "peer", t, fa)
                   for t in self.peer_threads for fa in self.peer_flash_attn]
+        if self.llama_server:
+            specs.append(ServerSpec(f"llama-server t={self.default_threads}", "llama-server", self.default_threads,
+                                    binary=self.llama_server))
         return specs
 
 
@@ -649,7 +658,21 @@ def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
         "gallama_concurrent_completed": gallama["concurrent_completed"],
         "peer_concurrent_completed": peer.get("concurrent_completed"),
         "peer_concurrent_with_content": peer.get("concurrent_with_content"),
+        **_llama_server_ratios(gallama, next((t for n, t in targets.items() if n.startswith("llama-server")), None)),
     }
+
+
+def _llama_server_ratios(gallama: dict[str, Any], server: dict[str, Any] | None) -> dict[str, Any]:
+    """gallama against llama.cpp's own server (issue goals: decode >= 1.0x, TTFT <= +5 ms, 8-concurrent worst TTFT
+    <= the server's)."""
+    if server is None:
+        return {}
+    extra_ttft = (gallama["ttft_s"] - server["ttft_s"]) * 1000 if gallama["ttft_s"] and server["ttft_s"] else None
+    return {"llama_server": {
+        "decode": _ratio(gallama["decode_tps"], server["decode_tps"]), "ttft_extra_ms": extra_ttft,
+        "worst_ttft": _ratio(gallama["concurrent_worst_ttft_s"], server["concurrent_worst_ttft_s"]),
+        "aggregate": _ratio(gallama["concurrent_aggregate_tps"], server["concurrent_aggregate_tps"]),
+        "completed": server["concurrent_completed"]}}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -686,6 +709,17 @@ def print_ratios(ratios: dict[str, Any], other_cores: float) -> None:
     print(f"  {CONCURRENCY} concurrent completed: gallama {ratios['gallama_concurrent_completed']}/{CONCURRENCY}, "
           f"peer {ratios['peer_concurrent_completed']}/{CONCURRENCY} "
           f"({ratios['peer_concurrent_with_content']} with any content)")
+    if (server := ratios.get("llama_server")) is not None:
+        print("against llama.cpp's own llama-server:")
+        decode, extra, worst = server["decode"], server["ttft_extra_ms"], server["worst_ttft"]
+        print(f"  decode tok/s     gallama / llama-server  {_fmt(decode, '.3f'):>6}   goal >= 1.0: "
+              f"{_verdict(decode, 1.0)}")
+        print(f"  TTFT             gallama - llama-server  {_fmt(extra, '+.1f'):>6} ms   goal <= +5 ms: "
+              f"{'n/a' if extra is None else 'meets goal' if extra <= 5 else 'BELOW GOAL'}")
+        print(f"  {CONCURRENCY}-conc worst TTFT gallama / llama-server  {_fmt(worst, '.3f'):>6}   goal <= 1.0: "
+              f"{'n/a' if worst is None else 'meets goal' if worst <= 1.0 else 'BELOW GOAL'}")
+        print(f"  aggregate tok/s  gallama / llama-server  {_fmt(server['aggregate'], '.3f'):>6}   "
+              f"(llama-server completed {server['completed']}/{CONCURRENCY})")
     note = "  <- background load: numbers are noisy" if other_cores > CLEAN_MAX_CORES else ""
     print(f"\nprocesses outside this benchmark used {other_cores:.2f} cores on average while measuring{note}")
 
@@ -723,6 +757,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, Path | None, Pa
     parser.add_argument("--quiet-wait", type=float, default=10.0,
                         help="seconds to wait, before each measurement, for other processes to leave the CPUs (0: off)")
     parser.add_argument("--log-dir", type=Path, default=Path(__file__).resolve().parent / "results" / "logs")
+    parser.add_argument("--llama-server", default="auto",
+                        help="llama.cpp's llama-server executable as a second peer: a path, 'auto' (the one 'make "
+                             "llama-server' cached, if any) or 'none'")
     args = parser.parse_args(argv)
     if not args.peer_threads:
         parser.error("--peer-threads needs at least one value")
@@ -736,8 +773,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, Path | None, Pa
     loop_threads = args.loop_threads or sorted({cpus, *gallama_threads}, reverse=True)
     per_token = args.per_token if args.per_token is not None else not args.quick
     plan = Plan(runs, args.rounds, args.max_tokens, gallama_threads, args.peer_threads, loop_threads, args.quiet_wait,
-                args.peer_flash_attn, per_token)
+                args.peer_flash_attn, per_token, llama_server=_llama_server(args.llama_server))
     return plan, args.json, args.log_dir
+
+
+def _llama_server(choice: str) -> str | None:
+    """The llama-server executable for ``--llama-server``: 'auto' finds the one ``make llama-server`` cached for the
+    installed llama-cpp-python (GALLAMA_BENCH_CACHE, default ~/.cache/gallama-bench)."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    cache = Path(os.environ.get("GALLAMA_BENCH_CACHE", "~/.cache/gallama-bench")).expanduser()
+    found = cache / f"llama-server-{ll.__version__}" / "llama-server"
+    return str(found) if found.is_file() else None
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> NoReturn:
