@@ -10,7 +10,7 @@ kernel's modules hold is internal and may change. Groups:
 * hooks: :data:`hookimpl` (the hook specifications and their documentation are ``gallama_kernel.hookspecs``);
 * routes: :data:`ADMIN_SCOPE` (a route for admin keys only), :func:`served_backend` (a model's backend, in a
   worker's route), :func:`read_json` (a bounded, checked JSON body), :func:`unless_disconnected`,
-  :class:`EventStream` (server-sent events);
+  :class:`EventStream` and :func:`sse_event` (server-sent events);
 * protocols: :class:`ChatPipeline` / :func:`chat_pipeline` (the kernel's chat pipeline for a route that speaks
   another protocol), :func:`error_format` (a route's errors in a format from ``register_error_formats``),
   :func:`usage_header` / :func:`usage_comment` (usage reported to the gateway), :func:`caller_key` (the key that
@@ -29,7 +29,7 @@ kernel's modules hold is internal and may change. Groups:
 
 from . import hookimpl
 from .api.http_input import read_json, unless_disconnected
-from .api.streaming import EventStream
+from .api.streaming import EventStream, sse_event
 from .backend import (
     Backend,
     BackendError,
@@ -111,6 +111,7 @@ __all__ = [
     "regex_literal",
     "resolve_named_model",
     "served_backend",
+    "sse_event",
     "trim_engine_message",
     "unless_disconnected",
     "unused_draft_keys",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def sse_event(name: str, data: Any) -> bytes:
+    """One named server-sent event (``event: name``, then ``data:`` with ``data`` as compact JSON), as the
+    Anthropic and Responses protocols send them."""
+    return f"event: {name}\ndata: ".encode() + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() \
+        + b"\n\n"
 PING = b": ping\n\n"
 
 

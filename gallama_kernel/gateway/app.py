@@ -114,12 +114,18 @@ class Gateway:
         await asyncio.sleep(STREAM_SHUTDOWN_GRACE_S)
         return f"\n\ndata: {json.dumps(SHUTTING_DOWN)}\n\ndata: [DONE]\n\n".encode()
 
-    def check_admin(self, request: Request) -> None:
-        """401/403 unless the request carries an admin key (when any key is configured)."""
-        principal = self.access.authorize(request.headers, "admin")
+    def authorize(self, request: Request, scope: str) -> Any:
+        """The key of ``request`` if it may act in ``scope`` (401/403 otherwise; ``None`` when no key is
+        configured), named in the request's log record."""
+        principal = self.access.authorize(request.headers, scope)
         record = record_of(request.scope)
         if record is not None and principal is not None:
             record.key_id = principal.key_id
+        return principal
+
+    def check_admin(self, request: Request) -> None:
+        """401/403 unless the request carries an admin key (when any key is configured)."""
+        self.authorize(request, "admin")
 
     def pick(self, group: Any) -> Worker:
         """The replica for the next request of ``group``; 429 when every replica's slots and queue are full."""
@@ -275,10 +281,8 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
     app.add_middleware(RequestLog, observers=[gateway.metrics.observe])
 
     async def route(request: Request, path: str) -> Response:
-        principal = gateway.access.authorize(request.headers, "inference")  # before the body is read
+        principal = gateway.authorize(request, "inference")  # before the body is read
         record = record_of(request.scope)
-        if record is not None and principal is not None:
-            record.key_id = principal.key_id
         check_content_type(request)
         raw = await read_body(request)
         # a large body is parsed in a thread: other clients' streams keep flowing through this loop meanwhile
@@ -319,15 +323,13 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
         """The models that can serve now (a ready replica), and that the caller's key may use."""
-        principal = gateway.access.authorize(request.headers, "inference")
-        if (record := record_of(request.scope)) is not None and principal is not None:
-            record.key_id = principal.key_id
+        principal = gateway.authorize(request, "inference")
         return {"object": "list", "data": [card(g) for g in pool.all() if g.state == "ready"
                                            and gateway.access.visible(principal, [g.name, *g.aliases])]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(request: Request, model: str) -> dict[str, Any]:
-        principal = gateway.access.authorize(request.headers, "inference")
+        principal = gateway.authorize(request, "inference")
         group = pool.get(model)
         gateway.access.check_model(principal, [group.name, *group.aliases], model)
         return card(group)
@@ -425,10 +427,8 @@ def _relay_plugin_routes(app: FastAPI, gateway: Gateway, host: PluginHost) -> No
                 return JSONResponse(rendered, status_code=error.status, headers=headers or None)
 
         async def serve(request: Request) -> Response:
-            principal = gateway.access.authorize(request.headers, route.scope)
+            principal = gateway.authorize(request, route.scope)
             record = record_of(request.scope)
-            if record is not None and principal is not None:
-                record.key_id = principal.key_id
             raw = b""
             name = request.query_params.get("model")
             if request.method in plugin_routes.BODY_METHODS:

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gallama_kernel.plugin import usage_comment
+from gallama_kernel.plugin import sse_event, usage_comment
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
@@ -70,8 +70,7 @@ def message(completion: dict[str, Any], stop_sequence: str | None, client_stops:
 
 
 def event(kind: str, data: dict[str, Any]) -> bytes:
-    return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}, ensure_ascii=False,
-                                                          separators=(",", ":")).encode() + b"\n\n"
+    return sse_event(kind, {"type": kind, **data})
 
 
 class EventWriter:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+from gallama_kernel.plugin import sse_event
 
 
 def new_id(prefix: str) -> str:
@@ -74,8 +75,7 @@ def from_completion(base: dict[str, Any], completion: dict[str, Any]) -> dict[st
 
 
 def sse(kind: str, data: dict[str, Any]) -> bytes:
-    return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}, ensure_ascii=False,
-                                                          separators=(",", ":")).encode() + b"\n\n"
+    return sse_event(kind, {"type": kind, **data})
 
 
 class EventWriter:
