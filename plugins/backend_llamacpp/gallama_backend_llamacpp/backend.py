@@ -204,6 +204,7 @@ class LlamaCppBackend(Backend):
         config = EngineConfig(n_slots=slots, n_ctx_per_slot=seq_len, n_threads=spec.n_threads or usable_cores(),
                               n_threads_batch=usable_cores(),
                               type_k=CACHE_TYPES[quant], type_v=CACHE_TYPES[quant],
+                              kv_bytes_per_cell=kv_bytes_per_token(self.model, quant),
                               flash_attention=flash_attention(quant, gpu_layers, speculative=drafter is not None))
         try:
             self.engine = Engine(self.model, config, drafter)

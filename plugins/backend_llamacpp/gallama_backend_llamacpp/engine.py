@@ -84,7 +84,11 @@ class EngineConfig:
     n_batch: int = 512
     step_target_s: float = 0.12  # step length to aim for while streams decode (their inter-token gap)
     min_prefill_chunk: int = 16
-    min_prefix_copy: int = 32  # shared tokens that make copying another slot's KV worth it
+    min_prefix_copy: int = 32  # a slot holding a whole prompt at least this long may serve it again (_choose_slot)
+    min_copy_gain: int = 16  # fewer shared tokens are never copied: a short prefill costs about one decode step
+    kv_bytes_per_cell: float = 0.0  # K and V of one token over all layers: prices a copy of a slot's KV
+    copy_bytes_per_s: float = 8e9  # memory bandwidth assumed for that copy (measured: 94 MB in 9-12 ms)
+    prompt_token_s_guess: float = 0.003  # prefill cost per token until one is measured (SmolLM2, 2 cores)
     type_k: int = ll.GGML_TYPE_F16
     type_v: int = ll.GGML_TYPE_F16
     flash_attention: bool | None = None  # None: llama.cpp decides
@@ -135,6 +139,7 @@ class Engine:
         self.draft_accepted = 0
         self.decode_step_s: float | None = None  # moving averages, measured on this machine
         self.prompt_token_s: float | None = None
+        self.copy_cost_s = config.n_ctx_per_slot * config.kv_bytes_per_cell / config.copy_bytes_per_s
         self.thread = threading.Thread(target=self._loop, name="gallama-llama-cpp-engine", daemon=True)
         self.thread.start()
 
@@ -235,17 +240,22 @@ class Engine:
             slot.draft_k = self.config.draft_tokens
 
     def _borrow_prefix(self, slot: Slot, shared: dict[int, int]) -> None:
-        """Copy another slot's KV into ``slot`` when it shares a much longer prefix with ``prompt``.
+        """Copy another slot's KV into ``slot`` when it shares a longer prefix with the prompt and computing the
+        extra tokens would take longer than the copy.
 
-        Requests that open like another conversation (the same long system prompt) then reuse it without
-        taking that conversation's slot. Slots are separate KV streams, which llama.cpp copies whole.
+        Requests that open like another conversation (the same system prompt) then reuse it without taking that
+        conversation's slot. Slots are separate KV streams, which llama.cpp copies whole (``n_ctx_per_slot``
+        cells: SmolLM2's 4,096 cells are 94 MB, 9-12 ms here), so the copy is priced against the prefill it
+        saves (about 3 ms a token on 2 cores): even a chat template's 30-token default system prompt is worth it,
+        but not a few tokens, whose prefill costs about a decode step whatever their number.
         """
         others = [s for s in self.slots if s is not slot]
         if not others:  # a single slot has nobody to borrow from
             return
         donor = max(others, key=lambda s: shared[s.seq_id])
         length = shared[donor.seq_id]
-        if length >= shared[slot.seq_id] + self.config.min_prefix_copy:
+        saved_s = (length - shared[slot.seq_id]) * (self.prompt_token_s or self.config.prompt_token_s_guess)
+        if length >= shared[slot.seq_id] + self.config.min_copy_gain and saved_s > 2 * self.copy_cost_s:
             ll.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached = donor.cached[:length]
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, length, -1)

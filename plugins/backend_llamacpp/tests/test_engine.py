@@ -211,3 +211,17 @@ def test_a_shared_system_prompt_is_copied_without_evicting_its_owner(backend):
     assert again.cached_tokens == len(backend.tokenize(first)) - 1
     assert "".join(e.text for e in generate(backend, "check", max_tokens=8, prompt=second)) == \
         "".join(e.text for e in generate(backend, "check2", max_tokens=8, prompt=second))
+
+
+def test_a_short_default_system_prompt_is_copied_too(backend):
+    """SmolLM2's template opens every chat with a 30-token system prompt: copying a slot's KV (a few ms) beats
+    computing 30 tokens again (about 90 ms on 2 cores), so a new conversation starts from it even when both slots
+    hold other conversations."""
+    system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    shared = len(backend.tokenize(system))
+    assert 16 <= shared < 32
+    for i, topic in enumerate(("Rome", "Oslo", "Lima")):
+        prompt = system + f"<|im_start|>user\nDescribe {topic} at length.<|im_end|>\n<|im_start|>assistant\n"
+        final = generate(backend, f"city-{i}", max_tokens=24, prompt=prompt)[-1]
+        if i:  # both slots hold more than twice the shared part, so the slot taken is not the one shared from
+            assert final.cached_tokens >= shared
