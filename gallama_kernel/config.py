@@ -85,7 +85,8 @@ class ModelSpec(BaseModel):
     cache_quant: CacheQuant | None = Field(default=None, description="KV cache precision.")
     gpus: list[float] | None = Field(default=None, description="Memory (GB) to use on each GPU.")
     max_concurrent_requests: int | None = Field(default=None, gt=0, description="Requests decoded at once.")
-    n_threads: int | None = Field(default=None, gt=0, description="CPU threads for decoding.")
+    n_threads: int | None = Field(default=None, gt=0, description=(
+        "CPU compute threads (decode and prompt); default: a share of the cores, split among the busy workers."))
     aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
     draft_model_id: str | None = Field(default=None, description="Draft model for speculative decoding "
                                        "(backends that cannot use one refuse it at load).")

@@ -16,7 +16,8 @@ kernel's modules hold is internal and may change. Groups:
   :func:`usage_header` / :func:`usage_comment` (usage reported to the gateway), :func:`caller_key` (the key that
   called, for what a plugin keeps per caller), :func:`gallama_home` (where a plugin keeps its files);
 * backends: :class:`Backend` and the types of its contract (requests, events, sampling, capabilities, progress,
-  prompt segments), :class:`ThreadJobs` and :func:`hold_text` for engines that run in a thread, :class:`Emit`;
+  prompt segments), :class:`ThreadJobs` and :func:`hold_text` for engines that run in a thread, :class:`Emit`,
+  :func:`core_share` / :class:`CoreShare` (a CPU engine's share of the cores all workers use);
 * features: :class:`RequestPlan`, :class:`GenerationPass`, :class:`Constraint` (and :func:`compile_constraint`),
   :class:`ResponseTransformer`, :data:`Delta`, :data:`SEGMENT`, :func:`add_system_text`, :class:`StopMatcher`;
 * grammars: :class:`Grammar`, :class:`GrammarBuilder`, :func:`literal`, :func:`regex_literal`,
@@ -44,6 +45,7 @@ from .backend import (
     hold_text,
 )
 from .config import DRAFT_KEYS, ConfigError, ModelSpec, draft_keys_given, resolve_named_model, unused_draft_keys
+from .cores import CoreShare, core_share
 from .grammar.core import (
     Grammar,
     GrammarBuilder,
@@ -77,6 +79,7 @@ __all__ = [
     "CompletionRequest",
     "ConfigError",
     "Constraint",
+    "CoreShare",
     "Delta",
     "Emit",
     "EventStream",
@@ -100,6 +103,7 @@ __all__ = [
     "caller_key",
     "chat_pipeline",
     "compile_constraint",
+    "core_share",
     "draft_keys_given",
     "error_format",
     "escape_regex",

@@ -13,6 +13,8 @@ import pytest
 from conftest import RunningServer
 from openai import OpenAI
 
+from gallama_kernel.cores import machine_cores
+
 SMALL = "max_concurrent_requests=2 max_seq_len=2048"
 HI = [{"role": "user", "content": "Say hello."}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
@@ -84,6 +86,42 @@ def test_stream_is_proxied_as_generated_and_disconnect_cancels(gateway):
     settled = steps()
     time.sleep(0.5)
     assert steps() == settled, "the worker stopped generating after the client left"
+
+
+def test_busy_workers_split_the_cores_and_one_alone_takes_them_all(gateway):
+    """The gateway's core board (gallama_kernel.cores): while a replica of alpha and beta both decode, their
+    compute threads together fit the cores; once beta's stream ends, alpha's next steps use every core."""
+    cores = machine_cores()
+    client = client_for(gateway)
+    streams = {name: client.chat.completions.create(model=name, messages=STORY, max_tokens=1000, stream=True)
+               for name in ("alpha", "beta")}
+    seen: list[int] = []
+
+    def threads_of(model: str) -> list[int]:
+        return [r["threads"] for r in gateway.health()["models"][model]["replicas"] if r.get("busy")]
+
+    def both_share() -> bool:
+        for stream in streams.values():
+            next(stream, None)  # keep both streams flowing
+        busy = threads_of("alpha") + threads_of("beta")
+        seen[:] = busy
+        return len(busy) == 2 and sum(busy) <= max(cores, 2)
+
+    try:
+        wait_for(both_share, 60)
+        assert all(n >= 1 for n in seen)
+    finally:
+        streams["beta"].close()
+    wait_for(lambda: gateway.health()["models"]["beta"]["busy"] == 0, 10)
+
+    def alone_takes_all() -> bool:
+        next(streams["alpha"], None)
+        return threads_of("alpha") == [cores]
+
+    try:
+        wait_for(alone_takes_all, 60)
+    finally:
+        streams["alpha"].close()
 
 
 def test_add_and_remove_models_while_serving(gateway):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ModelSpec
+from ..cores import CoreBoard
 from ..loading import PluginSelection
 from ..protocol.errors import APIError, ModelNotFound, ServiceUnavailable
 from ..protocol.limits import MAX_RELAYED_ERROR_CHARS
@@ -57,6 +58,7 @@ class Worker:
     port: int | None = None
     pid: int | None = None
     outstanding: int = 0
+    seat: int | None = None  # its seat on the pool's core board
     slots: int | None = None  # requests it runs at once, as its READY line said
     restarts: int = 0
     error: str | None = None
@@ -126,6 +128,7 @@ class Pool:
         self.plugins = plugins or PluginSelection()  # every worker loads this selection
         self._rotation = itertools.count()
         self._closing = False
+        self.cores = CoreBoard()  # the CPU cores all workers share (see gallama_kernel.cores)
 
     # -- lookup --------------------------------------------------------------------------------------------
     def get(self, name: str) -> ModelGroup:
@@ -168,7 +171,7 @@ class Pool:
                 raise Conflict(f"Replicas of '{name}' must have the same settings.", param="model_name")
         groups = []
         for name, group_specs in by_name.items():
-            workers = [Worker(spec, replica) for replica, spec in enumerate(group_specs)]
+            workers = [Worker(spec, replica, seat=self.cores.take()) for replica, spec in enumerate(group_specs)]
             group = ModelGroup(name, group_specs[0], workers)
             self.groups[name] = group
             for key in (name, *group.aliases):
@@ -199,6 +202,8 @@ class Pool:
         while any(w.outstanding for w in group.workers) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.gather(*(self._stop(w) for w in group.workers))
+        for worker in group.workers:
+            self.cores.give_back(worker.seat)
         self.groups.pop(group.name, None)
         for key in (group.name, *group.aliases):
             self._lookup.pop(key, None)
@@ -207,6 +212,7 @@ class Pool:
     async def close(self) -> None:
         self._closing = True
         await asyncio.gather(*(self._stop(w) for g in self.groups.values() for w in g.workers))
+        self.cores.close()
 
     # -- one worker ----------------------------------------------------------------------------------------
     def _set(self, worker: Worker, state: str) -> None:
@@ -220,10 +226,12 @@ class Pool:
         while True:
             became_ready = await self._start(worker)
             if not became_ready:
+                self.cores.clear(worker.seat)
                 self._set(worker, "failed")
                 return
             assert worker.process is not None
             code = await worker.process.wait()
+            self.cores.clear(worker.seat)  # a worker that died busy must not keep its cores
             if worker.state in ("stopping", "stopped") or self._closing:
                 return
             worker.error = f"worker process exited with code {code}"
@@ -245,7 +253,7 @@ class Pool:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gallama_kernel.gateway.worker", spec_json, *self.plugins.argv(),
             stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env=self.worker_env)
+            stdout=asyncio.subprocess.PIPE, env={**self.worker_env, **self.cores.env(worker.seat)})
         worker.process, worker.pid = process, process.pid
         assert process.stdout is not None
         try:
@@ -295,6 +303,7 @@ class Pool:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+        self.cores.clear(worker.seat)
         if worker.monitor is not None and worker.monitor is not asyncio.current_task():
             worker.monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -30,6 +30,7 @@ from gallama_kernel.plugin import (
     GenerationEvent,
     GenerationRequest,
     ProgressCallback,
+    core_share,
     draft_keys_given,
 )
 
@@ -44,11 +45,6 @@ BATCH_SIZE = 32  # texts per forward pass; infinity-emb fills batches from all w
 MATRYOSHKA_TAGS = ("matryoshka",)  # a model card tag containing this marks a Matryoshka-trained model
 GENERATION_KEYS = ("cache_size", "cache_quant", "max_concurrent_requests", "tp", "stream_interval_ms")
 """``-id`` keys of text generation engines: nothing here reads them, so they are refused rather than ignored."""
-
-
-def usable_cores() -> int:
-    """Cores this process may run on: the default number of torch threads."""
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def is_matryoshka(folder: Path) -> bool:
@@ -100,6 +96,8 @@ class EmbeddingBackend(Backend):
         self._started: asyncio.Task[None] | None = None
         self._requests = 0
         self._texts = 0
+        self._embedding = 0  # embed calls under way (they hold the core board's seat)
+        self._threads = 1  # torch threads, set at load
 
     # -- loading -------------------------------------------------------------------------------------------
     def load(self, progress: ProgressCallback | None = None) -> None:
@@ -125,7 +123,8 @@ class EmbeddingBackend(Backend):
         AsyncEmbeddingEngine, EngineArgs = _import_infinity()
         import torch
 
-        torch.set_num_threads(spec.n_threads or usable_cores())
+        self._threads = spec.n_threads or core_share().cores
+        torch.set_num_threads(self._threads)
         report(0.2)
         args = EngineArgs(model_name_or_path=str(folder), engine="torch", device="cpu", batch_size=BATCH_SIZE,
                           model_warmup=False, bettertransformer=False, trust_remote_code=False,
@@ -205,7 +204,15 @@ class EmbeddingBackend(Backend):
     async def embed(self, texts: list[str], *, dimensions: int | None = None) -> list[list[float]]:
         engine = await self._running_engine()
         truncate = dimensions if dimensions is not None and dimensions != self._size else None
-        vectors, _ = await engine.embed(sentences=texts, matryoshka_dim=truncate)
+        cores = core_share()
+        self._embedding += 1
+        cores.hold(id(self), self._threads)  # torch's threads count against the cores all workers share
+        try:
+            vectors, _ = await engine.embed(sentences=texts, matryoshka_dim=truncate)
+        finally:
+            self._embedding -= 1
+            if not self._embedding:
+                cores.release(id(self))
         self._requests += 1
         self._texts += len(texts)
         if truncate is not None:  # a shortened Matryoshka embedding is normalized again, as OpenAI does

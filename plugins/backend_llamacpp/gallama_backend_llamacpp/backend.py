@@ -21,7 +21,6 @@ only ``draft_model_name`` applies; without ``draft_model_id`` none does: the oth
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -55,12 +54,6 @@ MAX_DEFAULT_SLOTS = 8
 DEFAULT_CACHE_BUDGET = 1 << 30  # bytes of KV cache the default slot count may use
 DEFAULT_MAX_SEQ_LEN = 4096
 CPU_STREAM_INTERVAL_S = 0.02  # see LlamaCppBackend.load
-
-
-def usable_cores() -> int:
-    """Cores this process may run on: the default for decode threads (fastest measured on 2 cores) and
-    always the number of prompt-processing threads, whatever ``n_threads`` says."""
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def plan_cache(spec: ModelSpec, n_ctx_train: int, bytes_per_token: float) -> tuple[int, int]:
@@ -201,8 +194,7 @@ class LlamaCppBackend(Backend):
             check_draft_cache(draft.n_ctx, slots, seq_len)
             drafter = load_drafter(spec.draft_model_id, self.model, draft)
         self.grammars = GrammarEngine(self.model)  # llguidance's tokenizer: once per model (~0.2 s at 49k tokens)
-        config = EngineConfig(n_slots=slots, n_ctx_per_slot=seq_len, n_threads=spec.n_threads or usable_cores(),
-                              n_threads_batch=usable_cores(),
+        config = EngineConfig(n_slots=slots, n_ctx_per_slot=seq_len, n_threads=spec.n_threads,
                               type_k=CACHE_TYPES[quant], type_v=CACHE_TYPES[quant],
                               kv_bytes_per_cell=kv_bytes_per_token(self.model, quant),
                               flash_attention=flash_attention(quant, gpu_layers, speculative=drafter is not None))

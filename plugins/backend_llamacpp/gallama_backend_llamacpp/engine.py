@@ -34,7 +34,16 @@ from dataclasses import dataclass, field
 import llama_cpp as ll
 import llguidance
 
-from gallama_kernel.plugin import BackendError, Emit, GenerationEvent, GenerationRequest, StopMatcher, hold_text
+from gallama_kernel.plugin import (
+    BackendError,
+    CoreShare,
+    Emit,
+    GenerationEvent,
+    GenerationRequest,
+    StopMatcher,
+    core_share,
+    hold_text,
+)
 
 from .grammar import TokenMask
 from .model import LlamaModel, common_prefix
@@ -79,8 +88,7 @@ class Slot:
 class EngineConfig:
     n_slots: int
     n_ctx_per_slot: int
-    n_threads: int
-    n_threads_batch: int
+    n_threads: int | None  # compute threads, decode and prompt alike; None: a share of the cores (see _take_cores)
     n_batch: int = 512
     step_target_s: float = 0.12  # step length to aim for while streams decode (their inter-token gap)
     min_prefill_chunk: int = 16
@@ -99,7 +107,8 @@ class EngineConfig:
 class Engine:
     """The engine thread and its request queue."""
 
-    def __init__(self, model: LlamaModel, config: EngineConfig, drafter: Drafter | None = None) -> None:
+    def __init__(self, model: LlamaModel, config: EngineConfig, drafter: Drafter | None = None,
+                 cores: CoreShare | None = None) -> None:
         self.model = model
         self.config = config
         self.drafter = drafter
@@ -108,8 +117,9 @@ class Engine:
         params.n_batch = config.n_batch
         params.n_ubatch = config.n_batch
         params.n_seq_max = config.n_slots
-        params.n_threads = config.n_threads
-        params.n_threads_batch = config.n_threads_batch
+        self.cores = cores or core_share()
+        self.n_threads = config.n_threads or self.cores.threads()
+        params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k = config.type_k
         params.type_v = config.type_v
         params.kv_unified = False  # every slot owns n_ctx_per_slot cells: no request can starve another
@@ -140,6 +150,7 @@ class Engine:
         self.decode_step_s: float | None = None  # moving averages, measured on this machine
         self.prompt_token_s: float | None = None
         self.copy_cost_s = config.n_ctx_per_slot * config.kv_bytes_per_cell / config.copy_bytes_per_s
+        self._holding_cores = False
         self.thread = threading.Thread(target=self._loop, name="gallama-llama-cpp-engine", daemon=True)
         self.thread.start()
 
@@ -155,7 +166,7 @@ class Engine:
             self.wakeup.notify()
 
     def stats(self) -> dict[str, int]:
-        return {"slots": len(self.slots), "busy": sum(s.job is not None for s in self.slots),
+        return {"slots": len(self.slots), "busy": sum(s.job is not None for s in self.slots), "threads": self.n_threads,
                 "waiting": len(self.waiting), "steps": self.steps, "context_length": self.config.n_ctx_per_slot,
                 "draft_proposed": self.draft_proposed, "draft_accepted": self.draft_accepted}
 
@@ -189,6 +200,7 @@ class Engine:
         while True:
             with self.wakeup:
                 while self.running and not self.waiting and not any(s.job for s in self.slots):
+                    self._release_cores()
                     self.wakeup.wait()
                 if not self.running:
                     break
@@ -198,6 +210,7 @@ class Engine:
                     self._release(slot)
             if any(s.job for s in self.slots):
                 try:
+                    self._take_cores()
                     self._step()
                 except Exception as error:  # never let one bad step kill the engine
                     log.exception("engine step failed")
@@ -205,9 +218,31 @@ class Engine:
                         if slot.job is not None:
                             slot.job.emit(error)
                             self._release(slot, keep_cache=False)
+        self._release_cores()
         for slot in self.slots:
             if slot.job is not None:
                 slot.job.emit(RuntimeError("the model was unloaded"))
+
+    def _take_cores(self) -> None:
+        """Hold this worker's seat on the core board while there is work, and run the next step with its share of
+        the cores now (a fixed ``n_threads`` keeps its count); llama.cpp sizes its OpenMP team per graph, so the
+        count may change from one step to the next."""
+        if not self._holding_cores:
+            self.cores.hold(id(self), self.config.n_threads)
+            self._holding_cores = True
+        if self.config.n_threads:
+            return
+        threads = self.cores.threads()
+        if threads != self.n_threads:
+            ll.llama_set_n_threads(self.ctx, threads, threads)
+            if self.drafter is not None:
+                self.drafter.set_threads(threads)
+            self.n_threads = threads
+
+    def _release_cores(self) -> None:
+        if self._holding_cores:
+            self.cores.release(id(self))
+            self._holding_cores = False
 
     def _admit(self) -> None:
         """Move waiting jobs (oldest first) into free slots, preferring the slot whose cache serves them best."""

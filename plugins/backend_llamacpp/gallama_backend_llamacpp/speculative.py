@@ -81,6 +81,9 @@ class Drafter(abc.ABC):
     def open(self, params: ll.llama_context_params, n_slots: int) -> None:  # noqa: B027 - optional hook
         """Called once by the engine with its own context parameters (a draft model copies them)."""
 
+    def set_threads(self, n_threads: int) -> None:  # noqa: B027 - optional hook
+        """The engine's compute threads changed (its share of the cores, see ``gallama_kernel.cores``)."""
+
     @abc.abstractmethod
     def propose(self, requests: Sequence[DraftRequest]) -> dict[int, list[int]]:
         """Draft tokens per sequence id (at most the number wanted; empty or absent: no draft this step)."""
@@ -232,6 +235,10 @@ class DraftModel(Drafter):
         self._row = ctypes.c_float * self.model.n_vocab
         self.n_ctx = ll.llama_n_ctx(self.ctx)
         log.info("draft model %s: %d KV cells for %d slots", self.name, self.n_ctx, n_slots)
+
+    def set_threads(self, n_threads: int) -> None:
+        if self.ctx:
+            ll.llama_set_n_threads(self.ctx, n_threads, n_threads)
 
     def propose(self, requests: Sequence[DraftRequest]) -> dict[int, list[int]]:
         feeds: dict[int, list[int]] = {}
