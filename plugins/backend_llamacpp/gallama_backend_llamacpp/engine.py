@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp as ll
@@ -75,6 +76,7 @@ class Slot:
     generated: int = 0
     reused: int = 0
     last_used: int = 0  # admission counter; among equal prefixes the least recently used slot is taken
+    prompt_len: int = 0  # tokens of the last prompt admitted: a prompt that starts with them continues it
     stops: StopMatcher | None = None
     decoder: codecs.IncrementalDecoder | None = None
     matcher: llguidance.LLMatcher | None = None  # the job's grammar, when it has one
@@ -255,7 +257,7 @@ class Engine:
                 continue
             prompt = job.request.prompt_tokens
             shared = {s.seq_id: common_prefix(s.cached, prompt) for s in self.slots}  # once per admission
-            slot = _choose_slot(free, shared, len(prompt), self.config.min_prefix_copy)
+            slot = _choose_slot(free, shared, len(prompt), self.config.min_prefix_copy, self._copy_pays)
             self._borrow_prefix(slot, shared)
             reuse = min(shared[slot.seq_id], len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
@@ -263,6 +265,7 @@ class Engine:
             slot.job = job
             slot.pending = prompt[reuse:]
             slot.reused = reuse
+            slot.prompt_len = len(prompt)
             self.admissions += 1
             slot.last_used = self.admissions
             slot.generated = 0
@@ -274,23 +277,28 @@ class Engine:
             slot.emitted_at = None
             slot.draft_k = self.config.draft_tokens
 
+    def _copy_pays(self, gain: int) -> bool:
+        """Whether copying a slot's KV beats computing ``gain`` more prompt tokens.
+
+        Slots are separate KV streams, which llama.cpp copies whole (``n_ctx_per_slot`` cells: SmolLM2's 4,096
+        cells are 94 MB, 9-12 ms here), so the copy is priced against the prefill it saves (about 3 ms a token
+        on 2 cores): even a chat template's 30-token default system prompt is worth it, but not a few tokens,
+        whose prefill costs about a decode step whatever their number.
+        """
+        saved_s = gain * (self.prompt_token_s or self.config.prompt_token_s_guess)
+        return gain >= self.config.min_copy_gain and saved_s > 2 * self.copy_cost_s
+
     def _borrow_prefix(self, slot: Slot, shared: dict[int, int]) -> None:
-        """Copy another slot's KV into ``slot`` when it shares a longer prefix with the prompt and computing the
-        extra tokens would take longer than the copy.
+        """Copy another slot's KV into ``slot`` when it shares a longer prefix with the prompt and the copy pays.
 
         Requests that open like another conversation (the same system prompt) then reuse it without taking that
-        conversation's slot. Slots are separate KV streams, which llama.cpp copies whole (``n_ctx_per_slot``
-        cells: SmolLM2's 4,096 cells are 94 MB, 9-12 ms here), so the copy is priced against the prefill it
-        saves (about 3 ms a token on 2 cores): even a chat template's 30-token default system prompt is worth it,
-        but not a few tokens, whose prefill costs about a decode step whatever their number.
-        """
+        conversation's slot."""
         others = [s for s in self.slots if s is not slot]
         if not others:  # a single slot has nobody to borrow from
             return
         donor = max(others, key=lambda s: shared[s.seq_id])
         length = shared[donor.seq_id]
-        saved_s = (length - shared[slot.seq_id]) * (self.prompt_token_s or self.config.prompt_token_s_guess)
-        if length >= shared[slot.seq_id] + self.config.min_copy_gain and saved_s > 2 * self.copy_cost_s:
+        if self._copy_pays(length - shared[slot.seq_id]):
             ll.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached = donor.cached[:length]
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, length, -1)
@@ -498,21 +506,31 @@ class Engine:
             slot.sampler = None
 
 
-def _choose_slot(free: list[Slot], shared: dict[int, int], prompt_tokens: int, min_whole: int) -> Slot:
-    """The free slot whose cache serves the prompt best (``shared``: prefix length per seq_id), without
-    wrecking another conversation's cache.
+def _choose_slot(free: list[Slot], shared: dict[int, int], prompt_tokens: int, min_whole: int,
+                 copy_pays: Callable[[int], bool]) -> Slot:
+    """The free slot for a prompt (``shared``: its common prefix with what each slot holds, by seq_id) that
+    serves it best without wrecking another conversation's cache.
 
-    A slot qualifies when the shared prefix is at least half of what it holds (an empty slot always does), or
-    when it holds the whole prompt and that is at least ``min_whole`` tokens (the same request again, or a
-    reply regenerated: only what the slot holds after the prompt is lost); among those the longest shared
-    prefix wins. Otherwise the least recently used slot is taken. A short common opening (a chat template's
-    first tokens) must not make two agents evict each other.
+    A slot qualifies when taking it loses nothing another request would want: its whole cache is a prefix of the
+    prompt (an empty slot, or a request cancelled in prefill), the prompt starts with the slot's last prompt (the
+    next turn of its conversation: at most its previous answer, which the prompt carries again, is recomputed),
+    or it holds the whole prompt of at least ``min_whole`` tokens (the same request again, a regenerated reply).
+    Among those, the slot whose start into the prompt is furthest wins: its own prefix, or the longest prefix any
+    slot holds when copying that pays (see ``Engine._borrow_prefix``); then the longer own prefix, then the least
+    recently used. When none qualifies, the least recently used slot (the oldest conversation) is taken. So two
+    agents that open with the same system prompt keep their own slots: the second one copies the opening.
     """
     whole = prompt_tokens - 1  # the most a request reuses: its last token is computed for its logits
-    fitting = [slot for slot in free if 2 * shared[slot.seq_id] >= len(slot.cached)
+    longest = max(shared.values(), default=0)
+
+    def start(slot: Slot) -> int:
+        own = shared[slot.seq_id]
+        return longest if copy_pays(longest - own) else own
+
+    keeping = [slot for slot in free if shared[slot.seq_id] >= min(len(slot.cached), slot.prompt_len)
                or shared[slot.seq_id] >= whole >= min_whole]
-    if fitting:
-        return max(fitting, key=lambda slot: (shared[slot.seq_id], -slot.last_used))
+    if keeping:
+        return max(keeping, key=lambda slot: (start(slot), shared[slot.seq_id], -slot.last_used))
     return min(free, key=lambda slot: slot.last_used)
 
 

@@ -225,3 +225,24 @@ def test_a_short_default_system_prompt_is_copied_too(backend):
         final = generate(backend, f"city-{i}", max_tokens=24, prompt=prompt)[-1]
         if i:  # both slots hold more than twice the shared part, so the slot taken is not the one shared from
             assert final.cached_tokens >= shared
+
+
+def test_interleaved_agents_with_one_system_prompt_keep_their_conversations(backend):
+    """Two agents open with the same long system prompt and alternate turns (A1, B1, A2, B2, ...): B's first turn
+    copies the opening into the free slot rather than taking A's slot, and every later turn reuses its own whole
+    conversation so far."""
+    system = "<|im_start|>system\n" + "You are a coding agent. Read files, run tests and report briefly. " * 8 + \
+        "<|im_end|>\n"
+    history = {"A": system, "B": system}
+    previous: dict[str, str] = {}
+    for turn in range(3):
+        for agent in ("A", "B"):
+            prompt = history[agent] + f"<|im_start|>user\nAgent {agent}, step {turn}.<|im_end|>\n" \
+                "<|im_start|>assistant\n"
+            events = generate(backend, f"{agent}{turn}", max_tokens=8, prompt=prompt)
+            final = events[-1]
+            if (agent, turn) != ("A", 0):
+                kept = previous.get(agent, system)  # its own last prompt, or the opening for B's first turn
+                assert final.cached_tokens >= len(backend.tokenize(kept)) - 1, f"{agent}{turn} recomputed its history"
+            previous[agent] = prompt
+            history[agent] = prompt + "".join(e.text for e in events) + "<|im_end|>\n"
