@@ -50,10 +50,12 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check .
 
-# The peer (llama-cpp-python's own server) needs starlette-context; llama-cpp-python itself is already built.
-bench: install-test
+# The peers: llama-cpp-python's own server (needs the bench extra) and llama.cpp's own llama-server (built once, below).
+bench: install-test llama-server
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench_spine.py
+	$(BIN)/python bench/bench_agents.py
+	$(BIN)/python bench/bench_cores.py
 
 # llama.cpp's own llama-server, built once from the llama.cpp source the installed llama-cpp-python vendors (the
 # strongest CPU peer for bench/; about 10 minutes on 2 cores), cached under GALLAMA_BENCH_CACHE (~/.cache/gallama-bench)

@@ -92,9 +92,10 @@ async def measure(servers: dict[str, RunningServer], rounds: int, max_tokens: in
         cases += [(name, ("a", "b"))]
     cases += [("board", ("a",)), ("split", ("a",)), ("replicas", ("r", "r"))]
     async with httpx.AsyncClient(timeout=600) as client:
-        for name, server in servers.items():  # warm-up: every worker answers once
-            for model in {m for case, models in cases if case == name for m in models}:
-                await stream(client, server.base_url, model, "Say hello.", 8)
+        for name, server in servers.items():  # warm-up: every worker answers (replicas: at once, one each)
+            models = next(models for case, models in cases if case == name and len(models) == max(
+                len(m) for c, m in cases if c == name))
+            await asyncio.gather(*(stream(client, server.base_url, model, "Say hello.", 8) for model in models))
         for round_ in range(rounds):
             for offset in range(len(cases)):
                 case, models = cases[(offset + round_) % len(cases)]
