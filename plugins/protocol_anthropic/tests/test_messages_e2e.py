@@ -179,12 +179,18 @@ def test_gateway_errors_get_anthropics_error_shape_too(anthropic_server: Running
 def test_output_config_format_holds_the_answer_to_its_schema(client: anthropic.Anthropic) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "legs": {"type": "integer"}},
               "required": ["name", "legs"], "additionalProperties": False}
-    for attempt in range(3):
-        reply = client.messages.create(model=MODEL, max_tokens=60, extra_body={"temperature": 0.8},
+    complete = 0
+    for attempt in range(3):  # sampled: a 135M model sometimes repeats itself inside a string until max_tokens
+        reply = client.messages.create(model=MODEL, max_tokens=120, extra_body={"temperature": 0.8},
                                        output_config={"format": {"type": "json_schema", "schema": schema}},
                                        messages=[{"role": "user", "content": "Describe an animal."}])
+        if reply.stop_reason == "max_tokens":
+            assert reply.content[0].text.startswith('{"name":'), (attempt, reply.content[0].text)
+            continue
         data = json.loads(reply.content[0].text)
         assert set(data) == {"name", "legs"} and isinstance(data["legs"], int), (attempt, data)
+        complete += 1
+    assert complete, "no answer finished within 120 tokens"
 
 
 def test_thinking_comes_in_thinking_blocks_within_its_budget(client: anthropic.Anthropic) -> None:
