@@ -566,7 +566,10 @@ async def measure(session: Session, http: list[HttpTarget], loops: list[DecodeLo
     for target in targets:
         await target.single(WARMUP_PROMPT, 16)
     for i, prompt in enumerate(pool[: plan.runs]):
-        for target in _rotated(targets, i):
+        # the servers in a rotating order, then the in-process loops: rotating all of them together would put the
+        # same server right after the loop in most runs (the cyclic order stays), and the first measurement
+        # after the loop is not like the others
+        for target in [*_rotated(http, i), *loops]:
             _print_single(i, target.name, await session.single(target, prompt))
     for r in range(plan.rounds):
         batch = pool[plan.runs + r * CONCURRENCY: plan.runs + (r + 1) * CONCURRENCY]
