@@ -93,8 +93,7 @@ async def measure(servers: dict[str, RunningServer], rounds: int, max_tokens: in
     cases += [("board", ("a",)), ("split", ("a",)), ("replicas", ("r", "r"))]
     async with httpx.AsyncClient(timeout=600) as client:
         for name, server in servers.items():  # warm-up: every worker answers (replicas: at once, one each)
-            models = next(models for case, models in cases if case == name and len(models) == max(
-                len(m) for c, m in cases if c == name))
+            models = max((models for case, models in cases if case == name), key=len)
             await asyncio.gather(*(stream(client, server.base_url, model, "Say hello.", 8) for model in models))
         for round_ in range(rounds):
             for offset in range(len(cases)):

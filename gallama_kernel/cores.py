@@ -115,7 +115,7 @@ class CoreBoard:
         return env
 
     def busy(self) -> list[int]:
-        """The busy seats' bytes (for health and tests)."""
+        """The busy seats' bytes (what the workers wrote; for tests and debugging)."""
         return [value for value in self._map[:] if value]
 
     def close(self) -> None:

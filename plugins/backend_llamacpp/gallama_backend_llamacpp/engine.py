@@ -94,7 +94,7 @@ class EngineConfig:
     n_batch: int = 512
     step_target_s: float = 0.12  # step length to aim for while streams decode (their inter-token gap)
     min_prefill_chunk: int = 16
-    min_prefix_copy: int = 32  # a slot holding a whole prompt at least this long may serve it again (_choose_slot)
+    min_whole_reuse: int = 32  # a slot holding a whole prompt at least this long may serve it again (_choose_slot)
     min_copy_gain: int = 16  # fewer shared tokens are never copied: a short prefill costs about one decode step
     kv_bytes_per_cell: float = 0.0  # K and V of one token over all layers: prices a copy of a slot's KV
     copy_bytes_per_s: float = 8e9  # memory bandwidth assumed for that copy (measured: 94 MB in 9-12 ms)
@@ -257,7 +257,7 @@ class Engine:
                 continue
             prompt = job.request.prompt_tokens
             shared = {s.seq_id: common_prefix(s.cached, prompt) for s in self.slots}  # once per admission
-            slot = _choose_slot(free, shared, len(prompt), self.config.min_prefix_copy, self._copy_pays)
+            slot = _choose_slot(free, shared, len(prompt), self.config.min_whole_reuse, self._copy_pays)
             self._borrow_prefix(slot, shared)
             reuse = min(shared[slot.seq_id], len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
