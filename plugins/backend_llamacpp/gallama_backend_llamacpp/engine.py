@@ -25,12 +25,14 @@ positions is dropped. Slots in prefill never draft, and an engine without a draf
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import llama_cpp as ll
 import llguidance
@@ -97,7 +99,9 @@ class EngineConfig:
     min_whole_reuse: int = 32  # a slot holding a whole prompt at least this long may serve it again (_choose_slot)
     min_copy_gain: int = 16  # fewer shared tokens are never copied: a short prefill costs about one decode step
     kv_bytes_per_cell: float = 0.0  # K and V of one token over all layers: prices a copy of a slot's KV
-    copy_bytes_per_s: float = 8e9  # memory bandwidth assumed for that copy (measured: 94 MB in 9-12 ms)
+    copy_bytes_per_s: float = 8e9  # memory bandwidth assumed for that copy (measured: 94 MB in 8-12 ms)
+    state_bytes_per_s: float = 3e9  # a copy of the donor's own cells through a host buffer (23 MB in 6 ms)
+    state_copy_s: float = 0.0005  # and its fixed part
     prompt_token_s_guess: float = 0.003  # prefill cost per token until one is measured (SmolLM2, 2 cores)
     type_k: int = ll.GGML_TYPE_F16
     type_v: int = ll.GGML_TYPE_F16
@@ -151,7 +155,8 @@ class Engine:
         self.draft_accepted = 0
         self.decode_step_s: float | None = None  # moving averages, measured on this machine
         self.prompt_token_s: float | None = None
-        self.copy_cost_s = config.n_ctx_per_slot * config.kv_bytes_per_cell / config.copy_bytes_per_s
+        self.stream_copy_s = config.n_ctx_per_slot * config.kv_bytes_per_cell / config.copy_bytes_per_s
+        self.copy_buffer = (ctypes.c_uint8 * 0)()  # reused by cell copies, grown as needed
         self._holding_cores = False
         self.thread = threading.Thread(target=self._loop, name="gallama-llama-cpp-engine", daemon=True)
         self.thread.start()
@@ -257,7 +262,9 @@ class Engine:
                 continue
             prompt = job.request.prompt_tokens
             shared = {s.seq_id: common_prefix(s.cached, prompt) for s in self.slots}  # once per admission
-            slot = _choose_slot(free, shared, len(prompt), self.config.min_whole_reuse, self._copy_pays)
+            donor = max(self.slots, key=lambda s: shared[s.seq_id])
+            slot = _choose_slot(free, shared, len(prompt), self.config.min_whole_reuse,
+                                partial(self._copy_pays, cells=len(donor.cached)))
             self._borrow_prefix(slot, shared)
             reuse = min(shared[slot.seq_id], len(prompt) - 1)  # the last token yields logits
             ll.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1)
@@ -277,16 +284,22 @@ class Engine:
             slot.emitted_at = None
             slot.draft_k = self.config.draft_tokens
 
-    def _copy_pays(self, gain: int) -> bool:
-        """Whether copying a slot's KV beats computing ``gain`` more prompt tokens.
+    def _copy_s(self, cells: int) -> float:
+        """The time to copy a slot holding ``cells`` tokens into another: its cells alone through a host buffer,
+        or llama.cpp's copy of the whole KV stream, whichever is shorter.
 
-        Slots are separate KV streams, which llama.cpp copies whole (``n_ctx_per_slot`` cells: SmolLM2's 4,096
-        cells are 94 MB, 9-12 ms here), so the copy is priced against the prefill it saves (about 3 ms a token
-        on 2 cores): even a chat template's 30-token default system prompt is worth it, but not a few tokens,
-        whose prefill costs about a decode step whatever their number.
-        """
+        Slots are separate KV streams, which ``llama_memory_seq_cp`` copies whole (``n_ctx_per_slot`` cells:
+        SmolLM2's 4,096 are 94 MB, 8-12 ms here), while the state of a sequence holds only its cells (30 cells:
+        0.7 MB, 0.5 ms), so a short opening is copied that way and a long conversation as a stream."""
+        cells_s = self.config.state_copy_s + cells * self.config.kv_bytes_per_cell / self.config.state_bytes_per_s
+        return min(cells_s, self.stream_copy_s)
+
+    def _copy_pays(self, gain: int, cells: int) -> bool:
+        """Whether copying a slot that holds ``cells`` tokens beats computing ``gain`` more prompt tokens (about
+        3 ms a token on 2 cores): even a chat template's 30-token default system prompt is worth it, but not a few
+        tokens, whose prefill costs about a decode step whatever their number."""
         saved_s = gain * (self.prompt_token_s or self.config.prompt_token_s_guess)
-        return gain >= self.config.min_copy_gain and saved_s > 2 * self.copy_cost_s
+        return gain >= self.config.min_copy_gain and saved_s > 2 * self._copy_s(cells)
 
     def _borrow_prefix(self, slot: Slot, shared: dict[int, int]) -> None:
         """Copy another slot's KV into ``slot`` when it shares a longer prefix with the prompt and the copy pays.
@@ -298,11 +311,27 @@ class Engine:
             return
         donor = max(others, key=lambda s: shared[s.seq_id])
         length = shared[donor.seq_id]
-        if self._copy_pays(length - shared[slot.seq_id]):
+        if not self._copy_pays(length - shared[slot.seq_id], len(donor.cached)):
+            return
+        by_cells = self._copy_s(len(donor.cached)) < self.stream_copy_s
+        if not (by_cells and self._copy_cells(donor, slot)):
             ll.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
-            slot.cached = donor.cached[:length]
-            ll.llama_memory_seq_rm(self.memory, slot.seq_id, length, -1)
-            shared[slot.seq_id] = length
+        slot.cached = donor.cached[:length]
+        ll.llama_memory_seq_rm(self.memory, slot.seq_id, length, -1)
+        shared[slot.seq_id] = length
+
+    def _copy_cells(self, donor: Slot, slot: Slot) -> bool:
+        """Copy the donor's cells into ``slot`` (emptied first) through the sequence state; False if llama.cpp
+        refused, leaving ``slot`` empty."""
+        ll.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        size = ll.llama_state_seq_get_size_ext(self.ctx, donor.seq_id, 0)
+        if len(self.copy_buffer) < size:
+            self.copy_buffer = (ctypes.c_uint8 * size)()
+        written = ll.llama_state_seq_get_data_ext(self.ctx, self.copy_buffer, size, donor.seq_id, 0)
+        if written and ll.llama_state_seq_set_data_ext(self.ctx, self.copy_buffer, written, slot.seq_id, 0):
+            return True
+        ll.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        return False
 
     def _step(self) -> None:
         batch, n = self.batch, 0

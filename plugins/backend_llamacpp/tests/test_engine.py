@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 from pathlib import Path
 
+import llama_cpp as ll
 import pytest
 
 from gallama_backend_llamacpp.backend import LlamaCppBackend, plan_cache
@@ -225,6 +226,30 @@ def test_a_short_default_system_prompt_is_copied_too(backend):
         final = generate(backend, f"city-{i}", max_tokens=24, prompt=prompt)[-1]
         if i:  # both slots hold more than twice the shared part, so the slot taken is not the one shared from
             assert final.cached_tokens >= shared
+
+
+def test_a_copied_opening_continues_exactly_like_a_computed_one(backend, monkeypatch):
+    """A short opening is copied cell by cell through the sequence state (not the whole KV stream): what follows
+    it must be what a slot that computed everything itself generates, the other slot holding the same."""
+    engine = backend.engine
+    system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    owner = system + "<|im_start|>user\nDescribe Rome at length.<|im_end|>\n<|im_start|>assistant\n"
+    borrower = system + "<|im_start|>user\nName three rivers.<|im_end|>\n<|im_start|>assistant\n"
+    assert engine._copy_s(len(backend.tokenize(owner)) + 24) < engine.stream_copy_s
+
+    def answer(name: str) -> list:
+        for slot in engine.slots:  # the engine is idle between requests: forget every cache
+            slot.cached = []
+            ll.llama_memory_seq_rm(engine.memory, slot.seq_id, -1, -1)
+        generate(backend, f"{name}-owner", max_tokens=24, prompt=owner)
+        return generate(backend, name, max_tokens=24, prompt=borrower)
+
+    copied = answer("copied")
+    assert copied[-1].cached_tokens >= len(backend.tokenize(system))
+    monkeypatch.setattr(engine, "_copy_pays", lambda gain, cells: False)
+    computed = answer("computed")
+    assert computed[-1].cached_tokens == 0
+    assert "".join(e.text for e in copied) == "".join(e.text for e in computed)
 
 
 def test_interleaved_agents_with_one_system_prompt_keep_their_conversations(backend):
