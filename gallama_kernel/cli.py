@@ -154,7 +154,7 @@ def run(model: str | None, ids: tuple[str, ...], host: str | None, port: int | N
     store = KeyStore(settings.home, settings.api_keys, settings.admin_key)
     origins = [*cors, *(o.strip() for o in (settings.cors_origins or "").split(",") if o.strip())]
     _say_who_may_call(store, bind_host)
-    pool = Pool(worker_env, on_state=show, plugins=selection)
+    pool = Pool(worker_env, on_state=show, plugins=selection, routing=settings.routing)
     app = create_gateway(pool, settings.home, Access(store), initial=specs, on_ready=ready,
                          max_queue=settings.max_queue, cors_origins=origins, host=plugins)
     console.print(f"gateway on {address}; loading {', '.join(s.name for s in specs)}", highlight=False,

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     cors_origins: str | None = Field(default=None, description="Comma-separated origins allowed cross-site "
                                      "(CORS); unset: none.")
     max_queue: int = Field(default=64, ge=0, description="Requests a replica holds beyond its slots; more: 429.")
+    routing: Literal["affinity", "least_outstanding"] = Field(
+        default="affinity", description="How a model's replicas share requests: 'affinity' (to the replica holding "
+        "the conversation's prefix or session while it has a free slot, else the least busy) or "
+        "'least_outstanding'.")
     log_format: Literal["text", "json"] = Field(default="text", description="Log lines as text or JSON.")
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, gt=0, description="Largest request body (bytes); "
                                 "larger: 413.")

@@ -6,7 +6,8 @@ loaded), ``POST /remove_model`` (drains in-flight requests first), ``GET /list_l
 every model and replica). Keys, quotas, request ids and the request log: see access.py. ``/health`` is 503 while
 no model can serve or one has failed (``/health/live``: 200 while the process runs); ``/v1/models`` lists the
 models that can serve now. Each replica takes at most its slots plus ``max_queue`` requests; beyond, a 429 with
-``Retry-After``.
+``Retry-After``. Which replica serves a request: affinity.py (the one holding its prefix or session, while it has a
+free slot), keyed from the body parsed here and the ``x-session-id`` header.
 
 Hostile input (limits in protocol/limits.py): every POST takes only ``application/json`` (else 415: a web page
 cannot post ``text/plain`` or a form cross-site to a local gateway); bodies are bounded while they arrive
@@ -52,7 +53,7 @@ from ..keys import KeyStore
 from ..pipeline.chat import CALLER_HEADER, USAGE_HEADER
 from ..plugins import PluginHost
 from ..protocol.errors import APIError, InvalidRequest, ServiceUnavailable, TooManyRequests, error_body
-from . import mixture, plugin_routes
+from . import affinity, mixture, plugin_routes
 from .access import REQUEST_ID_HEADER, Access, CallRecord, RequestLog, printable, record_of
 from .metrics import CONTENT_TYPE, Metrics
 from .pool import Pool, Worker
@@ -127,14 +128,28 @@ class Gateway:
         """401/403 unless the request carries an admin key (when any key is configured)."""
         self.authorize(request, "admin")
 
-    def pick(self, group: Any) -> Worker:
-        """The replica for the next request of ``group``; 429 when every replica's slots and queue are full."""
-        worker = self.pool.pick(group)
+    def pick(self, group: Any, key: affinity.Key | None = None) -> Worker:
+        """The replica for the next request of ``group`` (with routing ``key``: see affinity.py); 429 when every
+        replica's slots and queue are full."""
+        worker = self.pool.pick(group, key)
         if worker.slots and worker.outstanding >= worker.slots + self.max_queue:
             raise TooManyRequests(f"The model '{group.name}' is busy: {worker.outstanding} requests are running or "
                                   f"waiting on each replica (limit {worker.slots} running + {self.max_queue} "
                                   "waiting). Retry shortly.", code="queue_full", headers={"Retry-After": "1"})
         return worker
+
+    def route_key(self, path: str, request: Request, body: Any) -> affinity.Key | None:
+        """The routing key of a request to ``path`` (``None`` when routing is by load only)."""
+        if self.pool.routing != affinity.AFFINITY:
+            return None
+        return affinity.request_key(path, request.headers, body)
+
+    def on_head(self, group: Any, worker: Worker, key: affinity.Key | None) -> Callable[[bytes], bool] | None:
+        """What reads the start of the answer: a ``/v1/responses`` answer's id is filed under ``worker`` (true once
+        found)."""
+        if key is None or not key.answers_response:
+            return None
+        return lambda head: group.router.learn_answer(worker.replica, head)
 
     def specs_from(self, body: Any) -> list[ModelSpec]:
         """Validate ``/add_model`` bodies: one spec object or a list of them (keys as in ``-id``)."""
@@ -152,13 +167,19 @@ class Gateway:
         return specs
 
     # -- proxying ------------------------------------------------------------------------------------------
-    async def forward(self, worker: Worker, path: str, body: bytes, stream: bool,
-                      record: CallRecord | None = None, method: str = "POST",
-                      headers: dict[str, str] | None = None) -> Response:
+    def forward(self, worker: Worker, path: str, body: bytes, stream: bool,
+                record: CallRecord | None = None, method: str = "POST",
+                headers: dict[str, str] | None = None,
+                on_head: Callable[[bytes], bool] | None = None) -> asyncio.Task[Response]:
         """Send ``body`` to ``worker`` (``path`` may carry a query string); the response (SSE included) goes back
-        as it arrives. Its usage is added to ``record``."""
+        as it arrives. Its usage is added to ``record``; ``on_head`` reads the start of a successful answer (a
+        JSON body's first bytes; a stream's first pieces, until it returns true).
+
+        The request counts among the worker's outstanding ones from this call on, not from when the returned task
+        first runs: the next request picked in the same turn of the event loop must see it (affinity.py sends a
+        request to its replica only below its slots); a task cancelled before it ran gives its count back."""
         worker.outstanding += 1
-        released = False
+        started = released = False
 
         def release() -> None:
             nonlocal released
@@ -166,6 +187,19 @@ class Gateway:
                 released = True
                 worker.outstanding -= 1
 
+        def begin() -> None:
+            nonlocal started
+            started = True
+
+        task = asyncio.ensure_future(self._forward(worker, path, body, record, method, headers, on_head, begin,
+                                                   release))
+        task.add_done_callback(lambda _: None if started else release())
+        return task
+
+    async def _forward(self, worker: Worker, path: str, body: bytes, record: CallRecord | None, method: str,
+                       headers: dict[str, str] | None, on_head: Callable[[bytes], bool] | None,
+                       begin: Callable[[], None], release: Callable[[], None]) -> Response:
+        begin()
         try:
             sent = {**({REQUEST_ID_HEADER: record.request_id} if record is not None else {}), **(headers or {})}
             upstream = await self.upstream.request(method, "127.0.0.1", worker.port or 0, path, body,
@@ -187,15 +221,25 @@ class Gateway:
             finally:
                 upstream.close()
                 release()
+            if on_head is not None and upstream.status == 200:
+                on_head(data[:affinity.RESPONSE_HEAD_BYTES])
             if record is not None and upstream.status == 200:
                 reported = upstream.headers.get(USAGE_HEADER)  # a protocol plugin's report (pipeline/chat.py)
                 with contextlib.suppress(ValueError, AttributeError):
                     record.count(json.loads(reported) if reported else json.loads(data).get("usage"))
             return Response(data, status_code=upstream.status, media_type=content_type)
 
+        head = on_head if upstream.status == 200 else None
+        heads = 4  # pieces read for it at most
+
         async def relay() -> AsyncIterator[bytes]:
+            nonlocal head, heads
             try:
                 async for piece in upstream.pieces():
+                    if head is not None:
+                        heads -= 1
+                        if head(piece[:affinity.RESPONSE_HEAD_BYTES]) or not heads:
+                            head = None
                     if piece.startswith(USAGE_COMMENT):  # the worker's report for this side only
                         if record is not None:
                             with contextlib.suppress(ValueError):
@@ -300,7 +344,7 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
         stream = body.get("stream") is True
         if path == "/v1/chat/completions" and "mixture_of_agents" in body:
             return await mixture.serve(gateway, request, body, group, principal, record)
-        worker = gateway.pick(group)
+        worker = gateway.pick(group, gateway.route_key(path, request, body))
         if stream:
             return await gateway.forward(worker, path, raw, stream, record)
         return await unless_disconnected(request, gateway.forward(worker, path, raw, stream, record))
@@ -341,7 +385,7 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
         models: dict[str, Any] = {}
         for group in pool.all():
             replicas = await asyncio.gather(*(_worker_health(gateway, w) for w in group.workers))
-            models[group.name] = _merge_health(group.state, replicas)
+            models[group.name] = {**_merge_health(group.state, replicas), "routing": pool.routing}
         ok = all(m["status"] == "ok" for m in models.values())
         kept = [m for m in models.values() if m["status"] != "removing"]
         failed = any(r.get("status") in ("failed", "unreachable") for m in kept for r in m["replicas"])
@@ -430,6 +474,7 @@ def _relay_plugin_routes(app: FastAPI, gateway: Gateway, host: PluginHost) -> No
             principal = gateway.authorize(request, route.scope)
             record = record_of(request.scope)
             raw = b""
+            body: Any = None
             name = request.query_params.get("model")
             if request.method in plugin_routes.BODY_METHODS:
                 check_content_type(request)
@@ -452,10 +497,11 @@ def _relay_plugin_routes(app: FastAPI, gateway: Gateway, host: PluginHost) -> No
             target = request.scope.get("raw_path") or request.url.path.encode()
             if request.scope.get("query_string"):
                 target += b"?" + request.scope["query_string"]
-            worker = gateway.pick(group)
+            key = gateway.route_key(request.url.path, request, body) if request.method == "POST" else None
+            worker = gateway.pick(group, key)
             caller = {CALLER_HEADER: principal.key_id if principal is not None else ""}
             reply = gateway.forward(worker, target.decode("latin-1"), raw, False, record, method=request.method,
-                                    headers=caller)
+                                    headers=caller, on_head=gateway.on_head(group, worker, key))
             return await unless_disconnected(request, reply)
 
         return relayed
@@ -496,7 +542,7 @@ async def _worker_health(gateway: Gateway, worker: Worker) -> dict[str, Any]:
 def _merge_health(state: str, replicas: list[dict[str, Any]]) -> dict[str, Any]:
     """One model's health: its state, counters summed over replicas, and the replicas themselves."""
     merged: dict[str, Any] = {"status": "ok" if state == "ready" else state, "replicas": replicas}
-    for key in ("slots", "busy", "waiting", "steps"):
+    for key in ("slots", "busy", "waiting", "steps", "affinity_hits", "affinity_misses", "affinity_overflows"):
         values = [r[key] for r in replicas if isinstance(r.get(key), int)]
         if values:
             merged[key] = sum(values)

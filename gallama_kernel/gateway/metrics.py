@@ -5,7 +5,9 @@ route, model and status; prompt, cached and generated tokens; and, for streams, 
 chunk and the gaps between chunks (a chunk holds the tokens produced since the previous one: one, unless the
 model's ``stream_interval_ms`` groups them). What only the workers know is read from their ``/health`` when
 ``/metrics`` is scraped: slots, busy slots, queue depth, engine steps, grammar compilations, cache hits and
-compile time, draft tokens proposed and accepted, and, from the pool, each replica's restarts and state.
+compile time, draft tokens proposed and accepted, and, from the pool, each replica's restarts and state and its
+affinity counters (requests routed to it because it held their prefix or session, routed to it by load with no
+replica holding them, or by load because the replica holding them was saturated: affinity.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ WORKER_FIELDS = {
     "grammar_compile_seconds": ("gallama_grammar_compile_seconds", "Time spent compiling grammars.", "counter"),
     "draft_proposed": ("gallama_draft_tokens_proposed", "Draft tokens verified by the model.", "counter"),
     "draft_accepted": ("gallama_draft_tokens_accepted", "Draft tokens the model accepted.", "counter"),
+    "affinity_hits": ("gallama_affinity_hits", "Requests routed to the replica holding their prefix or session.",
+                      "counter"),
+    "affinity_misses": ("gallama_affinity_misses", "Requests no replica held a prefix or session of, routed by load.",
+                        "counter"),
+    "affinity_overflows": ("gallama_affinity_overflows", "Requests whose replica was saturated, routed by load.",
+                           "counter"),
 }
 
 

@@ -1,7 +1,9 @@
 """Worker processes of the gateway: one per model replica, started, watched, restarted and stopped here.
 
 A model is a :class:`ModelGroup` of one or more :class:`Worker` replicas (the same spec given twice is two
-replicas). Requests go to the ready replica with the fewest outstanding requests. A worker that dies after it
+replicas). Requests go to the ready replica that holds their prompt's prefix or session while it has a free slot,
+else to the one with the fewest outstanding requests (affinity.py has the rule; with
+``GALLAMA_ROUTING=least_outstanding``, always the fewest outstanding). A worker that dies after it
 was ready is restarted with exponential backoff (1 s, 2 s, 4 s … 30 s); one that fails to load is reported with
 its error and not retried. Removing a model first waits for its in-flight requests.
 """
@@ -26,6 +28,7 @@ from ..cores import CoreBoard
 from ..loading import PluginSelection
 from ..protocol.errors import APIError, ModelNotFound, ServiceUnavailable
 from ..protocol.limits import MAX_RELAYED_ERROR_CHARS
+from .affinity import AFFINITY, ROUTINGS, Key, ReplicaMemory, Router
 from .worker import FAILED, READY, SECRET_ENV
 
 log = logging.getLogger("gallama.gateway")
@@ -67,6 +70,7 @@ class Worker:
     ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     monitor: asyncio.Task[None] | None = field(default=None, repr=False)
     output: asyncio.Task[None] | None = field(default=None, repr=False)  # copies later stdout to stderr
+    memory: ReplicaMemory = field(default_factory=ReplicaMemory, repr=False)  # what its slots hold (affinity.py)
 
     @property
     def base_url(self) -> str:
@@ -74,7 +78,8 @@ class Worker:
 
     def describe(self) -> dict[str, Any]:
         return {"replica": self.replica, "state": self.state, "pid": self.pid, "port": self.port,
-                "outstanding": self.outstanding, "restarts": self.restarts, "error": self.error}
+                "outstanding": self.outstanding, "restarts": self.restarts, "error": self.error,
+                **self.memory.counters()}
 
 
 @dataclass
@@ -86,6 +91,7 @@ class ModelGroup:
     workers: list[Worker]
     created: int = field(default_factory=lambda: int(time.time()))
     removing: bool = False
+    router: Router = field(default_factory=Router, repr=False)  # its sticky keys (affinity.py)
 
     @property
     def aliases(self) -> list[str]:
@@ -113,11 +119,16 @@ class Pool:
 
     :param worker_env: environment for worker processes
     :param plugins: the plugin selection each worker loads (on its command line)
+    :param routing: ``affinity`` (a request goes where its prefix or session is, while that replica has a free
+        slot) or ``least_outstanding`` (``GALLAMA_ROUTING``)
     """
 
     def __init__(self, worker_env: dict[str, str] | None = None,
                  on_state: Callable[[Worker, str], None] | None = None,
-                 plugins: PluginSelection | None = None) -> None:
+                 plugins: PluginSelection | None = None, routing: str = AFFINITY) -> None:
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {routing!r}")
+        self.routing = routing
         self.groups: dict[str, ModelGroup] = {}
         self._lookup: dict[str, str] = {}
         # a secret per run: workers answer only requests that carry it, so nobody reaches a model around the
@@ -140,14 +151,18 @@ class Pool:
     def all(self) -> list[ModelGroup]:
         return list(self.groups.values())
 
-    def pick(self, group: ModelGroup) -> Worker:
-        """The ready replica with the fewest outstanding requests (ties rotate)."""
+    def pick(self, group: ModelGroup, key: Key | None = None) -> Worker:
+        """The replica for a request with routing ``key`` (affinity.py's rule); without a key, or with routing
+        ``least_outstanding``, the ready replica with the fewest outstanding requests (ties rotate)."""
         ready = [w for w in group.workers if w.state == "ready"]
         if group.removing or not ready:
             raise ServiceUnavailable(f"The model '{group.name}' is {group.state}; try again shortly.",
                                      code="model_unavailable")
         turn = next(self._rotation)
-        return min(ready, key=lambda w: (w.outstanding, (w.replica - turn) % len(group.workers)))
+        if self.routing != AFFINITY:
+            return min(ready, key=lambda w: (w.outstanding, (w.replica - turn) % len(group.workers)))
+        worker, _ = group.router.choose(ready, key, turn, len(group.workers))
+        return worker
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def add(self, specs: list[ModelSpec]) -> list[ModelGroup]:
@@ -232,6 +247,7 @@ class Pool:
             assert worker.process is not None
             code = await worker.process.wait()
             self.cores.clear(worker.seat)  # a worker that died busy must not keep its cores
+            self._forget(worker)  # a new process starts with empty caches
             if worker.state in ("stopping", "stopped") or self._closing:
                 return
             worker.error = f"worker process exited with code {code}"
@@ -245,6 +261,12 @@ class Pool:
             backoff = min(BACKOFF_MAX_S, backoff * 2)
             if worker.state != "restarting":  # stopped meanwhile
                 return
+
+    def _forget(self, worker: Worker) -> None:
+        worker.memory.forget()
+        group = self.groups.get(worker.spec.name)
+        if group is not None and worker in group.workers:
+            group.router.forget(worker.replica)
 
     async def _start(self, worker: Worker) -> bool:
         worker.ready.clear()
