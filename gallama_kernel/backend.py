@@ -202,6 +202,10 @@ class Backend(abc.ABC):
     """Which of the kernel's engine keys (``gallama_kernel.config.ENGINE_KEYS``: ``max_seq_len``, ``cache_size``,
     ``gpus``, ``n_threads`` …) this backend applies. A model spec that sets another is refused before the model
     loads, naming the valid keys. ``None``: all of them (the backend reads or refuses each itself)."""
+    model_file: ClassVar[bool] = True
+    """Whether ``model_id`` names a model file or folder, which the kernel finds (a path, ``package:…``, an entry of
+    ``model_config.yaml``) and passes in ``spec.model_path``. ``False``: ``model_id`` is a name the backend reads
+    itself (the model a remote engine serves); ``model_path`` stays ``None``."""
     options_model: ClassVar[type[BaseModel] | None] = None
     """The backend's own ``-id`` / ``model_config.yaml`` keys: a pydantic model whose fields (types, defaults,
     descriptions) the kernel validates specs against and shows in ``gallama plugins`` and errors. The validated

@@ -302,13 +302,16 @@ def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source
     merged: dict[str, Any]
     if model_id not in config and model_id in EMBEDDED_ENTRIES:
         config = {**config, model_id: EMBEDDED_ENTRIES[model_id]}
+    chosen = str((values if "backend" in values else config.get(model_id, {})).get(
+        "backend", ModelSpec.model_fields["backend"].default)).lower()
+    fileless = backends is not None and chosen in backends and not backends[chosen].model_file
     if model_id in config:
         merged = {**config[model_id], **{k: v for k, v in values.items() if k != "model_id"}}
         if values.get("model_name", model_id) != model_id and "aliases" not in values:
             merged.pop("aliases", None)  # a renamed copy does not take over the entry's aliases
         merged.setdefault("model_name", model_id)
         target = str(merged.get("model_id", model_id))
-    elif Path(model_id).expanduser().exists() or model_id.startswith("package:"):
+    elif Path(model_id).expanduser().exists() or model_id.startswith("package:") or fileless:
         merged = dict(values)
         target = model_id
     else:
@@ -333,6 +336,8 @@ def build_spec(values: dict[str, Any], config: dict[str, dict[str, Any]], source
         raise ConfigError(_format_validation(error, source, backend)) from None
     if backend is not None:
         spec = check_backend_keys(spec, backend, source)
+        if not backend.model_file:  # model_id names the model to the backend (a remote engine's model name)
+            return spec
     return spec.model_copy(update={"model_path": resolve_model_path(target)})
 
 

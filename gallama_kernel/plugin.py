@@ -22,10 +22,11 @@ kernel's modules hold is internal and may change. Groups:
   :class:`ResponseTransformer`, :data:`Delta`, :data:`SEGMENT`, :func:`add_system_text`, :class:`StopMatcher`;
 * grammars: :class:`Grammar`, :class:`GrammarBuilder`, :func:`literal`, :func:`regex_literal`,
   :func:`escape_regex`, :class:`MatcherCache` (llguidance matchers for a backend's tokenizer),
-  :func:`trim_engine_message`;
+  :func:`trim_engine_message`, :func:`to_gbnf` (a grammar as llama.cpp's GBNF, for engines that read that);
 * requests, models and errors: :class:`ChatCompletionRequest`, :class:`CompletionRequest`, :class:`ModelSpec`,
   the draft-model keys, :class:`InvalidRequest` (a 400), :class:`BackendError`, :class:`ConfigError`,
-  :class:`GrammarError`.
+  :class:`GrammarError`, and for backends in front of another engine :class:`BadGateway` (502),
+  :class:`ServiceUnavailable` (503) and :class:`GatewayTimeout` (504).
 """
 
 from . import hookimpl
@@ -55,6 +56,7 @@ from .grammar.core import (
     regex_literal,
     trim_engine_message,
 )
+from .grammar.gbnf import to_gbnf
 from .grammar.matchers import MATCHER_CACHE_SIZE, MatcherCache
 from .hookspecs import ADMIN_SCOPE, error_format
 from .pipeline.chat import ChatPipeline, caller_key, chat_pipeline, gallama_home, usage_comment, usage_header
@@ -63,7 +65,7 @@ from .pipeline.models import served_backend
 from .pipeline.plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
 from .pipeline.stops import StopMatcher
 from .pipeline.tools import add_system_text
-from .protocol.errors import InvalidRequest
+from .protocol.errors import BadGateway, GatewayTimeout, InvalidRequest, ServiceUnavailable
 from .protocol.openai import ChatCompletionRequest, CompletionRequest
 
 __all__ = [
@@ -73,6 +75,7 @@ __all__ = [
     "SEGMENT",
     "Backend",
     "BackendError",
+    "BadGateway",
     "Capabilities",
     "ChatCompletionRequest",
     "ChatPipeline",
@@ -83,6 +86,7 @@ __all__ = [
     "Delta",
     "Emit",
     "EventStream",
+    "GatewayTimeout",
     "GenerationEvent",
     "GenerationPass",
     "GenerationRequest",
@@ -97,6 +101,7 @@ __all__ = [
     "RequestPlan",
     "ResponseTransformer",
     "SamplingParams",
+    "ServiceUnavailable",
     "StopMatcher",
     "ThreadJobs",
     "add_system_text",
@@ -116,6 +121,7 @@ __all__ = [
     "resolve_named_model",
     "served_backend",
     "sse_event",
+    "to_gbnf",
     "trim_engine_message",
     "unless_disconnected",
     "unused_draft_keys",

@@ -87,8 +87,22 @@ class ClientDisconnected(APIError):
     type = "client_disconnected"
 
 
+class BadGateway(APIError):
+    """An engine behind this server (a remote one) failed or answered something invalid."""
+
+    status = 502
+    type = "server_error"
+
+
 class ServiceUnavailable(APIError):
     status = 503
+    type = "server_error"
+
+
+class GatewayTimeout(APIError):
+    """An engine behind this server did not answer in time."""
+
+    status = 504
     type = "server_error"
 
 
