@@ -26,7 +26,9 @@ kernel's modules hold is internal and may change. Groups:
 * requests, models and errors: :class:`ChatCompletionRequest`, :class:`CompletionRequest`, :class:`ModelSpec`,
   the draft-model keys, :class:`InvalidRequest` (a 400), :class:`BackendError`, :class:`ConfigError`,
   :class:`GrammarError`, and for backends in front of another engine :class:`BadGateway` (502),
-  :class:`ServiceUnavailable` (503) and :class:`GatewayTimeout` (504).
+  :class:`ServiceUnavailable` (503) and :class:`GatewayTimeout` (504), and :class:`UpstreamClient` (with
+  :class:`UpstreamResponse`, :class:`UpstreamError`): the gateway's lean keep-alive HTTP/1.1 client, for streams
+  of one small chunk per token.
 """
 
 from . import hookimpl
@@ -47,6 +49,7 @@ from .backend import (
 )
 from .config import DRAFT_KEYS, ConfigError, ModelSpec, draft_keys_given, resolve_named_model, unused_draft_keys
 from .cores import CoreShare, core_share
+from .gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from .grammar.core import (
     Grammar,
     GrammarBuilder,
@@ -104,6 +107,9 @@ __all__ = [
     "ServiceUnavailable",
     "StopMatcher",
     "ThreadJobs",
+    "UpstreamClient",
+    "UpstreamError",
+    "UpstreamResponse",
     "add_system_text",
     "caller_key",
     "chat_pipeline",

@@ -8,13 +8,16 @@ address and reused; an idle one is dropped after ``keepalive_s``, shorter than t
 a request is never written into a connection the worker is closing.
 
 It speaks only what workers (uvicorn) answer: ``content-length`` or ``chunked`` bodies, or a body up to the
-connection's end.
+connection's end. Backends in front of another engine use it too (``gallama_kernel.plugin.UpstreamClient``): a
+streamed generation is one chunk per token, whose trip through a general-purpose client costs more CPU than the
+rest of the relay together; ``tls=True`` speaks HTTPS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +28,9 @@ MAX_IDLE_PER_ADDRESS = 64
 
 class UpstreamError(Exception):
     """The worker could not be reached, or broke the response off."""
+
+
+Address = tuple[str, int, bool]  # host, port, TLS
 
 
 @dataclass
@@ -41,7 +47,7 @@ class _Connection:
 class UpstreamResponse:
     """Status and headers of a worker's response; the body through :meth:`pieces` or :meth:`read`."""
 
-    def __init__(self, client: UpstreamClient, address: tuple[str, int], connection: _Connection, status: int,
+    def __init__(self, client: UpstreamClient, address: Address, connection: _Connection, status: int,
                  headers: dict[str, str]) -> None:
         self._client = client
         self._address = address
@@ -97,10 +103,14 @@ WORKER_SECRET_HEADER = "x-gallama-worker-secret"
 
 
 class UpstreamClient:
+    """Keep-alive HTTP/1.1 connections per address. ``secret``: the gateway's worker secret, sent with every
+    request; ``keepalive_s``: shorter than the server's own keep-alive."""
+
     def __init__(self, keepalive_s: float, secret: str | None = None) -> None:
         self.keepalive_s = keepalive_s
         self.secret = secret
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[Address, list[_Connection]] = {}
+        self._tls: ssl.SSLContext | None = None
         self._pruned_at = time.monotonic()
 
     async def post(self, host: str, port: int, path: str, body: bytes, content_type: str = "application/json",
@@ -111,13 +121,13 @@ class UpstreamClient:
         return await self.request("GET", host, port, path)
 
     async def request(self, method: str, host: str, port: int, path: str, body: bytes = b"",
-                      content_type: str = "application/json",
-                      headers: dict[str, str] | None = None) -> UpstreamResponse:
+                      content_type: str = "application/json", headers: dict[str, str] | None = None, *,
+                      tls: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> UpstreamResponse:
         extra = {**({WORKER_SECRET_HEADER: self.secret} if self.secret else {}), **(headers or {})}
         lines = "".join(f"{name}: {value}\r\n" for name, value in extra.items())  # values are the gateway's own
         head = (f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: {content_type}\r\n"
                 f"content-length: {len(body)}\r\n{lines}\r\n").encode()
-        address = (host, port)
+        address = (host, port, tls)
         if time.monotonic() - self._pruned_at > self.keepalive_s:
             self._prune()
         connection = self._reuse(address)
@@ -126,13 +136,16 @@ class UpstreamClient:
                 return await self._exchange(address, connection, head + body)
             except UpstreamError:  # the worker closed it meanwhile (restarted, say): once more on a new one
                 pass
+        if tls and self._tls is None:
+            self._tls = ssl.create_default_context()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=self._tls if tls else None), connect_timeout_s)
         except (TimeoutError, OSError) as error:
             raise UpstreamError(f"cannot connect ({type(error).__name__})") from None
         return await self._exchange(address, _Connection(reader, writer), head + body)
 
-    async def _exchange(self, address: tuple[str, int], connection: _Connection, request: bytes) -> UpstreamResponse:
+    async def _exchange(self, address: Address, connection: _Connection, request: bytes) -> UpstreamResponse:
         try:
             connection.writer.write(request)
             status_line = await connection.reader.readuntil(b"\r\n")
@@ -149,7 +162,7 @@ class UpstreamClient:
             raise
         return UpstreamResponse(self, address, connection, status, headers)
 
-    def _reuse(self, address: tuple[str, int]) -> _Connection | None:
+    def _reuse(self, address: Address) -> _Connection | None:
         idle = self._idle.get(address)
         now = time.monotonic()
         while idle:
@@ -159,7 +172,7 @@ class UpstreamClient:
             connection.close()
         return None
 
-    def _release(self, address: tuple[str, int], connection: _Connection) -> None:
+    def _release(self, address: Address, connection: _Connection) -> None:
         idle = self._idle.setdefault(address, [])
         if len(idle) >= MAX_IDLE_PER_ADDRESS:
             connection.close()
