@@ -64,6 +64,7 @@ SHARED_CPU_STREAM_INTERVAL_S = 0.02
 ENGINE_KEEPALIVE_S = 4.0  # idle connections are dropped before the engines' own 5 s (llama-server, uvicorn)
 DEFAULT_SLOTS = 8  # requests in flight when neither the spec nor the engine says
 HEALTH_EVERY_S = 5.0
+LOAD_POLL_S = 0.5
 TOKEN_CACHE_CHARS = 4_000_000  # texts whose tokens are kept (template pieces, earlier messages of a conversation)
 TOKEN_CACHE_MAX_TEXT = 65_536  # longer texts are tokenized each time
 MAX_ERROR_BODY = 8192  # bytes of an engine's error answer read for its message
@@ -91,6 +92,8 @@ class RemoteOptions(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0, description="Most seconds to open a connection.")
     retries: int = Field(default=2, ge=0, le=10, description="Retries of a request that failed before any text "
                          "went out (unreachable engine, 502/503/504).")
+    load_wait_s: float = Field(default=60.0, ge=0, description="Most seconds the load waits for an engine that is "
+                               "still starting (unreachable, or 503 while it loads its model).")
 
     @field_validator("url")
     @classmethod
@@ -222,12 +225,19 @@ class RemoteBackend(Backend):
             progress(1.0)
 
     def _get(self, url: str) -> dict[str, Any]:
-        """A JSON answer of the engine while loading; :class:`BackendError` naming the problem."""
+        """A JSON answer of the engine while loading; :class:`BackendError` naming the problem. An engine that is
+        still starting (unreachable, or 503 while it loads) is waited for, up to ``load_wait_s``."""
         assert self.client is not None
-        try:
-            response = self.client.get(url)
-        except httpx.HTTPError as error:
-            raise BackendError(f"the engine at {url} cannot be reached: {error}") from None
+        deadline = time.monotonic() + self.opts.load_wait_s
+        while True:
+            try:
+                response = self.client.get(url)
+            except httpx.HTTPError as error:
+                if time.monotonic() < deadline and not self._closing.wait(LOAD_POLL_S):
+                    continue
+                raise BackendError(f"the engine at {url} cannot be reached: {error}") from None
+            if response.status_code != 503 or time.monotonic() >= deadline or self._closing.wait(LOAD_POLL_S):
+                break
         if response.status_code != 200:
             raise BackendError(f"the engine at {url} answered {response.status_code}: "
                                f"{_message(response.content)}")
