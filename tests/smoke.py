@@ -4,8 +4,8 @@ Run by ``make smoke`` with the system Python; it uses the standard library only,
 installs can hide a missing runtime dependency. It starts ``make run`` (HOST/PORT overridden: 127.0.0.1 and a free
 port; a fresh GALLAMA_HOME_PATH), waits until it is ready, checks what it printed, lists ``/v1/models``, sends one
 chat request, one streamed chat request, one ``/v1/completions``, one ``/v1/messages`` and one ``/v1/responses``
-request, and stops it. Then it starts it a second time and checks that make installed nothing again. Exits
-non-zero on the first failure.
+request, loads the chat page's files, and stops it. Then it starts it a second time and checks that make installed
+nothing again. Exits non-zero on the first failure.
 
     python3 tests/smoke.py [--make "make run VENV=.venv-smoke"] [--timeout 600]
 """
@@ -130,6 +130,13 @@ def check_requests(base: str) -> None:
     status, body = call(base, "/v1/responses", {"model": MODEL, "input": "Say hello.", "max_output_tokens": 8})
     expect(status == 200, f"POST /v1/responses: {status} {body[:500]!r}")
     expect(json.loads(body)["output"][0]["type"] == "message", f"no message item: {body[:500]!r}")
+
+    # the chat page, from the installed package's data (/ redirects to it)
+    status, body = call(base, "/")
+    expect(status == 200 and b'src="/ui/app.js"' in body, f"GET / (the chat page): {status} {body[:300]!r}")
+    for name in ("app.js", "chat.js", "markdown.js", "highlight.js", "style.css"):
+        status, body = call(base, f"/ui/{name}")
+        expect(status == 200 and len(body) > 100, f"GET /ui/{name}: {status} {body[:300]!r}")
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ paths the in-tree backend cannot load (a device, FIFO, folder or non-GGUF file f
 starts. ``/health`` needs no key, so it shows no pids or ports. On shutdown, open streams end with an error event.
 
 Plugin routes (``register_routes``) are relayed to workers, and plugin request fields documented: plugin_routes.py.
+The chat web page (``GET /ui``, ``GET /`` redirecting there) is served here, from package data: webui/.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
 
-from .. import __version__
+from .. import __version__, webui
 from ..api.documents import BODY_MODELS, body_schema
 from ..api.errors import install_error_handlers, render_error
 from ..api.http_input import (
@@ -443,6 +444,7 @@ def create_gateway(pool: Pool, home: Any, access: Access | None = None, initial:
 
     if host is not None:
         _relay_plugin_routes(app, gateway, host)
+    webui.install(app)  # after the plugins' routes: a path a plugin serves stays theirs
     return app
 
 
