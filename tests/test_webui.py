@@ -228,7 +228,8 @@ STORED = {
                                                        "- [ok](https://example.com/a)\n- [bad](javascript:alert(1))"},
              {"meta": {"tag_type": "artifact", "artifact_type": "code", "identifier": "page", "title": "A page",
                        "language": "html"},
-              "content": f"<h1>Preview</h1><svg width='40' height='40'><circle cx='20' cy='20' r='15'/></svg>"
+              "content": f"<style>h1 {{ color: rgb(200, 0, 0); }}</style>"
+                         f"<h1>Preview</h1><svg width='40' height='40'><circle cx='20' cy='20' r='15'/></svg>"
                          f"<script>parent.__pwned=4</script><img src=x onerror=\"parent.__pwned=5\">{PAYLOAD}"},
          ],
          "tool_calls": [{"id": "call_1", "type": "function",
@@ -257,6 +258,8 @@ def test_model_output_cannot_inject_script(page: Any) -> None:
     assert frame.get_attribute("sandbox") == ""
     page.wait_for_timeout(500)
     assert page.frames[1].locator("h1").inner_text() == "Preview"  # rendered, without scripts
+    heading_color = page.frames[1].locator("h1").evaluate("h => getComputedStyle(h).color")
+    assert heading_color == "rgb(200, 0, 0)"  # with the artifact's own <style>
     shot(page, "5-hostile-stored")
 
     # a live answer that is exactly the payload: the request is amended with gallama's regex_pattern field

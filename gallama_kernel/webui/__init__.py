@@ -8,8 +8,9 @@ key.
 Hostile input: only ``GET``; a fixed allowlist of file names, read once from the package when the app is built
 (a request never names a path on disk, so there is nothing to traverse); each answer carries its content type,
 ``Cache-Control: no-cache`` with an ``ETag`` (a revalidation is a 304), ``X-Content-Type-Options: nosniff`` and a
-Content-Security-Policy that allows scripts, styles and connections from this origin only (no inline script, no
-third-party origin, no ``eval``), frames from nowhere but ``srcdoc`` previews, and no framing of the page itself.
+Content-Security-Policy that allows scripts and connections from this origin only (no inline script, no
+third-party origin, no ``eval``), styles from this origin and inline (for artifact previews), frames from nowhere but
+``srcdoc`` previews, and no framing of the page itself.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ ASSETS: dict[str, str] = {
 CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'none'",
     "script-src 'self'",
-    "style-src 'self'",
+    # inline styles: an artifact preview (a srcdoc frame) inherits this policy, and an HTML artifact's own <style>
+    # must apply there; the page itself never puts model or client text into markup (DOM nodes and textContent
+    # only), so nothing untrusted can bring a style into it, and img-src keeps any style from loading elsewhere
+    "style-src 'self' 'unsafe-inline'",
     "connect-src 'self'",
     "img-src 'self' data:",
     "frame-src 'self'",  # artifact previews: srcdoc frames, sandboxed without allow-same-origin
