@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..backend import GenerationEvent, GenerationRequest, SamplingParams
-from ..grammar import Grammar
+from ..grammar import Grammar, GrammarError
 from ..plugins import PluginHost
 from ..protocol import limits
 from ..protocol.errors import InvalidRequest
@@ -264,7 +264,11 @@ class ChatService:
         if constraint is None:
             return None
         grammar = constraints.compile_constraint(constraint, after)
-        model.backend.validate_grammar(grammar)
+        try:
+            model.backend.validate_grammar(grammar)
+        except GrammarError as error:  # the backend knows the grammar, the request field is known here
+            error.param = error.param or constraint.param
+            raise
         return grammar
 
     @staticmethod

@@ -127,3 +127,14 @@ def test_openai_parse_with_a_pydantic_model(client):
         model="smollm2", messages=[{"role": "user", "content": "Plan a trip through Paris and Rome."}],
         response_format=Trip, temperature=0, max_tokens=300)
     assert isinstance(completion.choices[0].message.parsed, Trip)
+
+
+def test_a_grammar_gbnf_cannot_say_is_refused_naming_the_field(client):
+    """A valid Lark grammar that skips whitespace (``%ignore``) has no exact GBNF: refused, never sent as is."""
+    grammar = 'start: WORD+\nWORD: /[a-z]+/\n%ignore " "\n'
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                       extra_body={"grammar": grammar})
+    assert refused.value.code == "constraint_not_supported"
+    assert refused.value.param == "grammar"
+    assert "%ignore" in refused.value.message
