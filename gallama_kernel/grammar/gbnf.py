@@ -73,6 +73,7 @@ from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern, nr_deepcop
 
 from .core import Grammar, GrammarError
 from .limits import MAX_GRAMMAR_CHARS, MAX_REPEAT, over
+from .regex import MAX_CHAR, Ranges, _codes, _intersect, _merge, _subtract
 
 __all__ = ["MAX_GBNF_CHARS", "to_gbnf"]
 
@@ -85,10 +86,6 @@ MAX_TEMPLATE_INSTANCES = 1_000
 """Most distinct instances of Lark templates in one grammar (a template can instantiate itself without end)."""
 CODE = "constraint_not_supported"
 
-Ranges = tuple[tuple[int, int], ...]
-"""Sorted, disjoint, non-adjacent code-point intervals (inclusive)."""
-
-MAX_CHAR = 0x10FFFF
 TEXT: Ranges = ((1, 0xD7FF), (0xE000, MAX_CHAR))
 """The characters that llama.cpp can match in text: every Unicode scalar value but NUL."""
 NEWLINE: Ranges = ((10, 10),)
@@ -201,40 +198,7 @@ def _children(node: Node) -> tuple[Node, ...]:
     return ()
 
 
-# --- code-point ranges ---------------------------------------------------------------------------------------
-
-def _merge(ranges: Iterable[tuple[int, int]]) -> Ranges:
-    out: list[tuple[int, int]] = []
-    for low, high in sorted(ranges):
-        if out and low <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], high))
-        else:
-            out.append((low, high))
-    return tuple(out)
-
-
-def _invert(ranges: Ranges) -> Ranges:
-    out, start = [], 0
-    for low, high in _merge(ranges):
-        if low > start:
-            out.append((start, low - 1))
-        start = high + 1
-    if start <= MAX_CHAR:
-        out.append((start, MAX_CHAR))
-    return tuple(out)
-
-
-def _intersect(a: Ranges, b: Ranges) -> Ranges:
-    return _invert(_invert(a) + _invert(b))
-
-
-def _subtract(a: Ranges, b: Ranges) -> Ranges:
-    return _intersect(a, _invert(b))
-
-
-def _codes(codes: Iterable[int]) -> Ranges:
-    return _merge((code, code) for code in codes)
-
+# --- code-point ranges (the helpers regex.py uses for the same intervals) ------------------------------
 
 def _members(ranges: Ranges) -> Iterable[int]:
     for low, high in ranges:
