@@ -73,7 +73,7 @@ from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern, nr_deepcop
 
 from .core import Grammar, GrammarError
 from .limits import MAX_GRAMMAR_CHARS, MAX_REPEAT, over
-from .regex import MAX_CHAR, Ranges, _codes, _intersect, _merge, _subtract
+from .regex import MAX_CHAR, Alt, Chars, Ranges, Repeat, Seq, _codes, _intersect, _merge, _subtract
 
 __all__ = ["MAX_GBNF_CHARS", "to_gbnf"]
 
@@ -93,28 +93,7 @@ NEWLINE: Ranges = ((10, 10),)
 
 # --- the tree: GBNF expressions ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Chars:
-    """One character from ``ranges`` (a subset of :data:`TEXT`); empty ranges match nothing."""
-
-    ranges: Ranges
-
-
-@dataclass(frozen=True)
-class Seq:
-    items: tuple[Node, ...]
-
-
-@dataclass(frozen=True)
-class Alt:
-    options: tuple[Node, ...]
-
-
-@dataclass(frozen=True)
-class Repeat:
-    node: Node
-    low: int
-    high: int | None  # None: unbounded
+# Chars, Seq, Alt and Repeat are regex.py's nodes; a GBNF expression may also name a rule.
 
 
 @dataclass(frozen=True)
