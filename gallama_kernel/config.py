@@ -92,6 +92,12 @@ class ModelSpec(BaseModel):
     n_threads: int | None = Field(default=None, gt=0, description=(
         "CPU compute threads (decode and prompt); default: a share of the cores, split among the busy workers."))
     aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
+    reasoning: str | None = Field(default=None, description=(
+        "How the model marks its reasoning: auto (from its chat template; the default), none, or START,END "
+        "(e.g. <think>,</think>)."))
+    tool_format: str | None = Field(default=None, description=(
+        "How the model writes tool calls: auto (from its chat template; the default) or a format name "
+        "(see `gallama plugins`)."))
     draft_model_id: str | None = Field(default=None, description="Draft model for speculative decoding "
                                        "(backends that cannot use one refuse it at load).")
     draft_model_name: str | None = Field(default=None, description="Label of the draft model in health and "
@@ -108,6 +114,14 @@ class ModelSpec(BaseModel):
     model_path: str | None = Field(default=None, description="Resolved model file (set by the loader).")
     options: dict[str, Any] = Field(default_factory=dict, description="The backend's own keys, validated against "
                                     "its options_model (set by build_spec / check_backend_keys).")
+
+    @field_validator("reasoning")
+    @classmethod
+    def _reasoning(cls, value: str | None) -> str | None:
+        from .pipeline.reasoning import parse_setting
+
+        parse_setting(value)  # a ValueError names the problem
+        return value
 
     @field_validator("cache_quant", "draft_cache_quant", mode="before")
     @classmethod

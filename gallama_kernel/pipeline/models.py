@@ -9,6 +9,7 @@ from typing import Any
 from ..backend import Backend
 from ..protocol.errors import ModelNotFound
 from .prompt import PromptRenderer
+from .reasoning import ReasoningSyntax, detect
 
 
 @dataclass
@@ -18,10 +19,14 @@ class ServedModel:
     aliases: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     renderer: PromptRenderer = field(init=False)
+    reasoning: ReasoningSyntax | None = field(init=False)
+    """How the model marks its reasoning (``None``: it does not reason); see :mod:`.reasoning`."""
 
     def __post_init__(self) -> None:
         self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens,
                                        self.backend.control_texts)
+        spec = getattr(self.backend, "spec", None)
+        self.reasoning = detect(self.backend.chat_template, getattr(spec, "reasoning", None))
 
 
 class ModelRegistry:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    from ..backend import PromptSegment
     from .constraints import Constraint
 
 Delta = dict[str, Any]
@@ -39,9 +40,17 @@ class GenerationPass:
     ``opening``; the model continues under ``constraint`` (``None``: free text) with ``stop`` and at most
     ``max_tokens``. Then ``done(plan, text)`` applies the result to the plan (typically it appends ``opening +
     text`` to ``plan.leading_prompt``, so the answer continues after the thinking and reuses its KV cache).
+    Text ``done`` appends to ``leading_prompt`` after an earlier pass continued the prompt (``plan.continuation``)
+    is moved to the end of that continuation, so the prompt keeps the passes' outputs in the order they ran.
 
     :param show_as: ``"hidden"``, or send ``opening`` and the pass's text to the client as ``"content"`` or
         as ``"reasoning_content"`` (streamed as generated)
+    :param show_opening: with ``show_as``, whether ``opening`` is sent too (a model's reasoning marker is not)
+    :param reasoning: the pass is the model's reasoning (a thinking template's, say): a model that reasons
+        natively then does not reason again before the answer (see :mod:`~gallama_kernel.pipeline.reasoning`)
+    :param shares_max_tokens: the pass's tokens come out of the request's ``max_tokens`` (a model's own
+        reasoning), leaving the answer at least ``Prepared.answer_reserve``; otherwise ``max_tokens`` is the
+        answer's alone
     """
 
     opening: str = ""
@@ -49,6 +58,9 @@ class GenerationPass:
     stop: list[str] = field(default_factory=list)
     max_tokens: int | None = None
     show_as: Literal["hidden", "content", "reasoning_content"] = "hidden"
+    show_opening: bool = True
+    shares_max_tokens: bool = False
+    reasoning: bool = False
     done: Callable[[RequestPlan, str], None] | None = None
 
 
@@ -69,6 +81,9 @@ class RequestPlan:
     constraint: Constraint | None = None
     constraint_after: str | None = None
     passes: list[GenerationPass] = field(default_factory=list)
+    continuation: list[PromptSegment] = field(default_factory=list)
+    """Prompt after ``leading_prompt``, as ``(text, trusted)`` segments: what passes appended (a reasoning
+    marker is trusted markup, the model's reasoning untrusted text)."""
     state: dict[str, Any] = field(default_factory=dict)
     """Plugins' own per-request values, keyed by plugin: set in ``prepare_request``, read in
     ``response_transformers`` (which receives the same plan)."""

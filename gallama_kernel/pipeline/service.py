@@ -19,7 +19,7 @@ from ..plugins import PluginHost
 from ..protocol import limits
 from ..protocol.errors import InvalidRequest
 from ..protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
-from . import constraints, tools
+from . import constraints, reasoning, tools
 from .embeddings import require_chat
 from .models import ModelRegistry, ServedModel
 from .plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
@@ -168,6 +168,7 @@ class Prepared:
     plan: RequestPlan | None = None
     passes: list[PreparedPass] = field(default_factory=list)
     requested_tokens: int | None = None
+    answer_reserve: int = 1  # tokens passes that share max_tokens leave the answer (see reasoning.answer_reserve)
     emit_interval_s: float = math.inf  # set for streams from the backend's stream_interval_s
     final_usage: dict[str, Any] | None = None  # a stream's usage once it finished (asked for or not)
     stop_sequence: str | None = None  # the stop string that ended the answer, once it finished
@@ -240,23 +241,27 @@ class ChatService:
         messages = [self._message_dict(m) for m in request.messages]
         plan = RequestPlan(messages=messages, leading_prompt=request.leading_prompt or "", stop=request.stop_list,
                            constraint=constraints.from_request(request))
+        plan.template_vars.update(request.chat_template_kwargs or {})
         self._present_tools(model, request, plan)
         self.host.prepare_request(request, plan)
+        reasoning.plan_reasoning(model.reasoning, reasoning.ReasoningRequest.of(request), plan, model.renderer,
+                                 model.name)
         grammar = self._grammar(model, plan.constraint, plan.constraint_after)
         passes = [PreparedPass(p, self._grammar(model, p.constraint)) for p in plan.passes]
         tokens = prompt_tokens(model, plan)
         if passes:  # the first pass's prompt must fit before the response starts
             token_budget(model, len(prompt_tokens(model, plan, passes[0].spec.opening)), None)
+        max_tokens = token_budget(model, len(tokens), request.token_limit)
         generation = GenerationRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_tokens=tokens,
-            max_tokens=token_budget(model, len(tokens), request.token_limit),
+            request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_tokens=tokens, max_tokens=max_tokens,
             sampling=sampling_from(request), stop=plan.stop, grammar=grammar)
         transformers = self.host.response_transformers(request, plan)
         tool_mode = None
         if plan.constraint is not None and plan.constraint.kind == "tools":
             tool_mode = "auto" if plan.constraint.choice == "auto" else "calls"
         return Prepared(model, generation, transformers, tool_mode=tool_mode, constraint_after=plan.constraint_after,
-                        plan=plan, passes=passes, requested_tokens=request.token_limit)
+                        plan=plan, passes=passes, requested_tokens=request.token_limit,
+                        answer_reserve=reasoning.answer_reserve(max_tokens, 0))
 
     @staticmethod
     def _grammar(model: ServedModel, constraint: constraints.Constraint | None,
@@ -307,31 +312,39 @@ class ChatService:
         the passes' token counts. Afterwards ``prepared.generation`` is the answer, rebuilt from the plan."""
         assert prepared.plan is not None
         totals = GenerationEvent("", 0)
+        shared = 0  # tokens of passes that come out of max_tokens
         for index, item in enumerate(prepared.passes):
             spec = item.spec
             tokens = prepared.render(spec.opening)
             room = token_budget(prepared.model, len(tokens), None)  # a 400 only when no room is left at all
-            generation = GenerationRequest(
-                request_id=f"{prepared.id}-pass{index}", prompt_tokens=tokens,
-                max_tokens=min(room, spec.max_tokens) if spec.max_tokens is not None else room,
-                sampling=prepared.generation.sampling, stop=spec.stop, grammar=item.grammar)
+            most = min(room, spec.max_tokens) if spec.max_tokens is not None else room
+            if spec.shares_max_tokens:
+                total = prepared.requested_tokens - shared if prepared.requested_tokens is not None else room
+                most = min(most, total - prepared.answer_reserve)
             parts: list[str] = []
-            if spec.opening and spec.show_as != "hidden":
-                yield {spec.show_as: spec.opening}, None
-            async for event in prepared.events(generation):
-                parts.append(event.text)
-                if event.text and spec.show_as != "hidden":
-                    yield {spec.show_as: event.text}, None
-                if event.finish_reason is not None:
-                    totals.prompt_tokens += event.prompt_tokens
-                    totals.completion_tokens += event.completion_tokens
-                    totals.cached_tokens += event.cached_tokens
+            if most > 0:
+                generation = GenerationRequest(
+                    request_id=f"{prepared.id}-pass{index}", prompt_tokens=tokens, max_tokens=most,
+                    sampling=prepared.generation.sampling, stop=spec.stop, grammar=item.grammar)
+                if spec.opening and spec.show_opening and spec.show_as != "hidden":
+                    yield {spec.show_as: spec.opening}, None
+                async for event in prepared.events(generation):
+                    parts.append(event.text)
+                    if event.text and spec.show_as != "hidden":
+                        yield {spec.show_as: event.text}, None
+                    if event.finish_reason is not None:
+                        totals.prompt_tokens += event.prompt_tokens
+                        totals.completion_tokens += event.completion_tokens
+                        totals.cached_tokens += event.cached_tokens
+                        shared += event.completion_tokens if spec.shares_max_tokens else 0
             if spec.done is not None:
-                spec.done(prepared.plan, "".join(parts))
+                keep_order(prepared.plan, spec.done, "".join(parts))
         tokens = prepared.render()
+        room = token_budget(prepared.model, len(tokens), None)  # the prompt was checked with the pass's text
+        requested = prepared.requested_tokens
         prepared.generation = GenerationRequest(
             request_id=prepared.id, prompt_tokens=tokens,
-            max_tokens=token_budget(prepared.model, len(tokens), prepared.requested_tokens),
+            max_tokens=room if requested is None else max(1, min(room, requested - shared)),
             sampling=prepared.generation.sampling, stop=prepared.plan.stop, grammar=prepared.generation.grammar)
         yield {}, totals
 
@@ -482,12 +495,23 @@ class ChatService:
                 yield body
 
 
+def keep_order(plan: RequestPlan, done: Callable[[RequestPlan, str], None], text: str) -> None:
+    """Apply a pass's ``done`` to its ``text``; what it appends to ``plan.leading_prompt`` once the prompt has a
+    continuation goes to the end of the continuation instead, after the earlier passes' output."""
+    before = plan.leading_prompt
+    done(plan, text)
+    added = plan.leading_prompt[len(before):] if plan.leading_prompt.startswith(before) else ""
+    if plan.continuation and added:
+        plan.continuation.append((added, False))
+        plan.leading_prompt = before
+
+
 def prompt_tokens(model: ServedModel, plan: RequestPlan, opening: str = "") -> list[int]:
     """Tokens of the plan's prompt followed by ``opening``: the client's text (messages, tools,
     ``leading_prompt``) never becomes control tokens (see :meth:`PromptRenderer.render_segments`)."""
-    segments = model.renderer.render_segments(plan.messages, leading_prompt=plan.leading_prompt, opening=opening,
+    segments = model.renderer.render_segments(plan.messages, leading_prompt=plan.leading_prompt,
                                               **plan.template_vars)
-    return model.backend.tokenize_prompt(segments)
+    return model.backend.tokenize_prompt([*segments, *plan.continuation, *([(opening, True)] if opening else [])])
 
 
 def merge_delta(message: dict[str, Any], delta: Delta) -> None:

@@ -21,6 +21,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -258,7 +259,6 @@ UNHONOURED_FIELDS = {
     "prediction": "predicted outputs are not supported by this server.",
     "web_search_options": "this server has no web search.",
     "verbosity": "this server does not support verbosity hints.",
-    "reasoning_effort": "this server does not support reasoning_effort.",
     "moderation": "this server does not run moderation.",
     "functions": "the deprecated 'functions' are not supported; send 'tools' instead.",
     "function_call": "the deprecated 'function_call' is not supported; send 'tool_choice' instead.",
@@ -357,6 +357,13 @@ MetadataKey = Annotated[str, StringConstraints(max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
+MAX_REASONING_BUDGET = 1_000_000
+"""Largest ``reasoning_budget`` accepted (beyond any context a model has; ``max_tokens`` bounds it anyway)."""
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                         "raise_exception", "strftime_now", "documents", "tool_choice"})
+"""Template variables the kernel sets itself: ``chat_template_kwargs`` may not replace them."""
+
+
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``.
 
@@ -388,6 +395,22 @@ class ChatCompletionRequest(SamplingFields):
     regex_prefix_pattern: str | None = Field(
         default=None, description="gallama: a regex the output starts with; free text follows.")
     grammar: str | None = Field(default=None, description="gallama: a Lark grammar the output follows.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        default=None, description="How much a reasoning model reasons: a reasoning budget (none: no reasoning).")
+    reasoning_budget: int | None = Field(
+        default=None, ge=0, le=MAX_REASONING_BUDGET,
+        description="gallama: most tokens a reasoning model's reasoning may use (0: no reasoning).")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Extra variables for the model's chat template (e.g. enable_thinking: false).")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in value or {}:
+            if not name.isidentifier() or name in RESERVED_TEMPLATE_VARIABLES:
+                raise ValueError(f"'{name}' cannot be set: chat_template_kwargs names template variables, other "
+                                 f"than {', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))}")
+        return value
 
     @property
     def token_limit(self) -> int | None:

@@ -146,7 +146,7 @@ class RemoteBackend(Backend):
     name = "remote"
     model_file: ClassVar[bool] = False
     spec_keys: ClassVar[frozenset[str] | None] = frozenset({"max_seq_len", "max_concurrent_requests",
-                                                            "stream_interval_ms"})
+                                                            "stream_interval_ms", "reasoning", "tool_format"})
     options_model = RemoteOptions
 
     def __init__(self, spec: ModelSpec) -> None:

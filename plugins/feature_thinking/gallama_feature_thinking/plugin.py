@@ -122,7 +122,7 @@ class ThinkingState:
     def generation_pass(self) -> GenerationPass:
         return GenerationPass(opening=self.template.opening, constraint=self.template.constraint(),
                               max_tokens=self.budget or thinking_max_tokens(), show_as=self.show_as,
-                              done=self.done)
+                              reasoning=True, done=self.done)
 
 
 class ThinkingJoiner:

@@ -1,0 +1,213 @@
+"""Models that reason natively: their reasoning span is recognised, budgeted, and kept out of the answer.
+
+**Recognition, per model.** A reasoning model's chat template writes its markers: Qwen3, QwQ and the
+DeepSeek-R1 distills write ``<think>`` … ``</think>``, other families one of :data:`KNOWN_MARKERS`. The first pair
+whose two markers both occur in the template's source is the model's syntax. The model key ``reasoning``
+overrides it: ``none`` (the model never reasons), ``auto`` (the default), or ``START,END`` (the two markers).
+
+**Where the turn stands.** The generation prompt (what the template writes after the conversation to open the
+assistant's turn) and the request's ``leading_prompt`` tell where the model starts:
+
+* ``open``: the last marker in them is the start marker (DeepSeek-R1's template opens ``<think>`` itself, or a
+  client's ``leading_prompt`` does): the model starts inside its reasoning;
+* ``closed``: the last marker is the end marker (Qwen3's template with ``enable_thinking=false`` writes an empty
+  ``<think></think>``): the reasoning is over, the model starts with its answer;
+* ``none``: no marker. Without a ``leading_prompt`` the kernel opens the reasoning itself (start marker and a
+  newline); a ``leading_prompt`` without markers opened the answer, and the model answers.
+
+**Think, then answer.** With reasoning on, the reasoning runs as a generation pass of its own before the answer
+(:class:`~.plan.GenerationPass`): free text, streamed as ``reasoning_content``, ended by the end marker (a stop
+string), by the end of the model's turn, or by its budget. The kernel then writes the end marker itself when the
+model did not, and the answer continues the same assistant turn after it, under the request's constraint (tools,
+``response_format``, regex, grammar, artifacts): the reasoning is free, the answer enforced. The answer's prompt
+repeats the pass's prompt and output, so an engine with a prefix cache computes nothing twice.
+
+**One budget.** ``max_tokens`` covers the reasoning and the answer. The reasoning may use at most its own budget
+(``reasoning_budget``, else :data:`EFFORT_BUDGET` of ``reasoning_effort``), and never so much that less than
+the answer's reserve is left (:func:`answer_reserve`: a quarter of ``max_tokens``, at most
+:data:`MAX_ANSWER_RESERVE`, and never less than the answer's shortest valid output).
+
+**Reasoning off** (``reasoning_effort="none"``, ``reasoning_budget=0``, ``chat_template_kwargs`` with
+``enable_thinking: false``, or a plugin's reasoning pass such as a thinking template, which replaces it): the
+template is told (``enable_thinking=false``), and a turn it leaves ``open`` or ``none`` gets an empty reasoning
+block closed by the kernel, so the model answers at once and nothing it writes is taken for reasoning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..protocol.errors import InvalidRequest
+from .plan import GenerationPass, RequestPlan
+
+if TYPE_CHECKING:
+    from ..protocol.openai import ChatCompletionRequest
+    from .prompt import PromptRenderer
+
+KNOWN_MARKERS: tuple[tuple[str, str], ...] = (
+    ("<think>", "</think>"),
+    ("<seed:think>", "</seed:think>"),
+    ("◁think▷", "◁/think▷"),
+    ("<|begin_of_thought|>", "<|end_of_thought|>"),
+)
+"""Reasoning markers of the model families whose templates name them (the first pair found wins)."""
+
+EFFORT_BUDGET: dict[str, int | None] = {"minimal": 256, "low": 1024, "medium": 4096, "high": None}
+"""Reasoning tokens per ``reasoning_effort`` (``None``: as many as ``max_tokens`` leaves; ``none``: no
+reasoning)."""
+
+MAX_ANSWER_RESERVE = 512
+"""The most tokens the reasoning must leave for the answer (see :func:`answer_reserve`)."""
+
+TEMPLATE_SWITCHES = ("enable_thinking", "thinking")
+"""``chat_template_kwargs`` that turn a template's reasoning on or off (Qwen3: ``enable_thinking``)."""
+
+State = Literal["open", "closed", "none"]
+
+
+@dataclass(frozen=True)
+class ReasoningSyntax:
+    """How a model marks its reasoning: it reasons between :attr:`start` and :attr:`end`."""
+
+    start: str
+    end: str
+
+    def state(self, text: str) -> State:
+        """Where a turn that opens with ``text`` stands (see the module docstring)."""
+        start, end = text.rfind(self.start), text.rfind(self.end)
+        if start > end:
+            return "open"
+        return "closed" if end >= 0 else "none"
+
+
+def parse_setting(value: str | None) -> ReasoningSyntax | Literal["auto"] | None:
+    """The model key ``reasoning``: ``auto`` (or unset), ``none``, or ``START,END``."""
+    if value is None or value.strip().lower() == "auto":
+        return "auto"
+    if value.strip().lower() == "none":
+        return None
+    start, comma, end = value.partition(",")
+    if not comma or not start.strip() or not end.strip() or start.strip() == end.strip():
+        raise ValueError(f"reasoning={value!r}: give 'auto', 'none', or the two markers as START,END "
+                         "(for example <think>,</think>)")
+    return ReasoningSyntax(start.strip(), end.strip())
+
+
+def detect(template: str | None, setting: str | None = None) -> ReasoningSyntax | None:
+    """The model's reasoning syntax from its ``reasoning`` key, else from its chat template's source."""
+    chosen = parse_setting(setting)
+    if chosen != "auto":
+        return chosen
+    if not template:
+        return None
+    for start, end in KNOWN_MARKERS:
+        if start in template and end in template:
+            return ReasoningSyntax(start, end)
+    return None
+
+
+def generation_prompt(renderer: PromptRenderer, messages: list[dict[str, Any]], variables: dict[str, Any]) -> str:
+    """What the template writes to open the assistant's turn: the rendering with the generation prompt less the
+    rendering without (its last 256 characters when the template renders the conversation differently)."""
+    full = renderer.render(messages, add_generation_prompt=True, **variables)
+    try:
+        bare = renderer.render(messages, add_generation_prompt=False, **variables)
+    except InvalidRequest:  # a template that insists on ending with a user turn, say
+        return full[-256:]
+    return full[len(bare):] if full.startswith(bare) else full[-256:]
+
+
+def answer_reserve(total: int, shortest: int) -> int:
+    """Tokens the reasoning leaves the answer out of ``total``: a quarter, at most :data:`MAX_ANSWER_RESERVE`,
+    at least ``shortest`` (the answer's shortest valid output) and 1."""
+    return max(1, shortest, min(total // 4, MAX_ANSWER_RESERVE))
+
+
+@dataclass
+class ReasoningRequest:
+    """What a chat request asks of a model's reasoning."""
+
+    effort: str | None = None
+    budget: int | None = None
+    template_kwargs: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, request: ChatCompletionRequest) -> ReasoningRequest:
+        return cls(request.reasoning_effort, request.reasoning_budget, request.chat_template_kwargs)
+
+    @property
+    def wanted(self) -> bool:
+        """False when any of the request's fields turns reasoning off."""
+        if self.effort == "none" or self.budget == 0:
+            return False
+        kwargs = self.template_kwargs or {}
+        return all(kwargs.get(switch, True) is not False for switch in TEMPLATE_SWITCHES)
+
+    @property
+    def explicit(self) -> str | None:
+        """The field that asks for reasoning by name (refused by a model that does not reason)."""
+        if self.budget:
+            return "reasoning_budget"
+        if self.effort not in (None, "none"):
+            return "reasoning_effort"
+        return None
+
+    @property
+    def tokens(self) -> int | None:
+        """The reasoning's own budget (``None``: only ``max_tokens`` bounds it)."""
+        if self.budget is not None:
+            return self.budget
+        return EFFORT_BUDGET.get(self.effort) if self.effort is not None else None
+
+
+def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan: RequestPlan,
+                   renderer: PromptRenderer, model_name: str) -> bool:
+    """Apply the model's reasoning to ``plan`` (after the plugins' ``prepare_request``): template variables, the
+    reasoning pass, or the empty block that keeps a model that reasons from reasoning. Returns whether a
+    reasoning pass was added.
+
+    :raises InvalidRequest: reasoning asked of a model without a reasoning syntax, or a reasoning budget beside
+        a plugin's thinking passes (one replaces the other).
+    """
+    if syntax is None:
+        if asked.explicit is not None:
+            raise InvalidRequest(f"The model '{model_name}' does not reason natively, so '{asked.explicit}' "
+                                 "cannot be honoured (a model reasons when its chat template writes reasoning "
+                                 "markers, or its 'reasoning' key names them).", param=asked.explicit,
+                                 code="unsupported_parameter")
+        return False
+    replaced = any(existing.reasoning for existing in plan.passes)
+    if replaced and asked.explicit is not None:
+        raise InvalidRequest(f"'{asked.explicit}' sets the model's own reasoning, which a thinking template "
+                             "replaces; send one of them.", param=asked.explicit)
+    on = asked.wanted and not replaced
+    variables = plan.template_vars  # the request's chat_template_kwargs are in already
+    variables.setdefault("enable_thinking", on)
+    if asked.effort is not None:
+        variables.setdefault("reasoning_effort", asked.effort)
+    state = syntax.state(generation_prompt(renderer, plan.messages, variables) + plan.leading_prompt)
+    if state == "closed" or (state == "none" and plan.leading_prompt):
+        return False
+    if not on:  # an empty block: the answer starts at once
+        opening = "" if state == "open" else syntax.start
+        plan.continuation.append((f"{opening}\n\n{syntax.end}\n\n", True))
+        return False
+    opening = syntax.start + "\n" if state == "none" else ""
+    pass_ = GenerationPass(opening=opening, stop=[syntax.end], max_tokens=asked.tokens, show_as="reasoning_content",
+                           show_opening=False, shares_max_tokens=True, reasoning=True, done=_closer(syntax, opening))
+    plan.passes.insert(0, pass_)  # before the plugins' passes (an artifact plan is made after the reasoning)
+    return True
+
+
+def _closer(syntax: ReasoningSyntax, opening: str) -> Callable[[RequestPlan, str], None]:
+    def done(plan: RequestPlan, text: str) -> None:
+        """The pass's opening, the reasoning as the model wrote it, then the end marker (written here whatever
+        ended the pass)."""
+        if opening:
+            plan.continuation.append((opening, True))
+        if text:
+            plan.continuation.append((text, False))
+        plan.continuation.append((("" if not text or text.endswith("\n") else "\n") + syntax.end + "\n\n", True))
+    return done

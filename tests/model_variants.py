@@ -1,0 +1,107 @@
+"""Test models: the embedded SmolLM2 weights under other families' chat templates and special tokens.
+
+No small reasoning model or model with a native tool-call format ships on PyPI, so tests make them: a GGUF copy
+of the embedded model whose chat template is replaced and some of whose unused special tokens (StarCoder's
+``<repo_name>``, ``<reponame>`` …, ids 3-16, never written by SmolLM2) are renamed. The weights are the same, so
+the model does not know its new markers: tests force or sample them, and budgets end what the model would not.
+
+The templates below are written for these tests in the style of each family (the markers and where they go),
+not copies of the families' own templates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+from smollm2_vocab import GGUF
+
+USER_DEFINED = gguf.TokenType.USER_DEFINED
+CONTROL = gguf.TokenType.CONTROL
+
+_CONVERSATION = """\
+{#- earlier turns' reasoning is left out: an assistant message keeps what follows </think> #}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first and tools %}{% continue %}{% endif %}
+{%- if message.role == 'assistant' %}
+<|im_start|>assistant
+{% if message.content %}{{ message.content.split('</think>')[-1].lstrip() }}{% endif %}
+{%- if message.tool_calls %}{% for call in message.tool_calls %}
+<tool_call>{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}\
+</tool_call>{% endfor %}{% endif %}<|im_end|>
+{% elif message.role == 'tool' %}
+<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+"""
+
+_TOOLS = """\
+{%- if tools %}
+<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}You may call these functions:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}Call one with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.<|im_end|>
+{% endif %}
+"""
+
+QWEN3_STYLE = _TOOLS + _CONVERSATION + """\
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif %}
+{%- endif %}
+"""
+"""Reasoning the model may start itself with ``<think>``; ``enable_thinking=false`` writes an empty block."""
+
+R1_STYLE = _TOOLS + _CONVERSATION + """\
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+<think>
+{% endif %}
+"""
+"""DeepSeek-R1 distill style: the generation prompt opens ``<think>`` itself, whatever is asked."""
+
+THINK_TOKENS = {3: ("<think>", USER_DEFINED), 4: ("</think>", USER_DEFINED)}
+"""``<think>`` and ``</think>`` as single tokens that render as text (as in Qwen3's vocabulary)."""
+
+
+def write_variant(path: Path, template: str, renamed: dict[int, tuple[str, gguf.TokenType]]) -> Path:
+    """Write the embedded model to ``path`` with ``template`` as its chat template and the tokens in ``renamed``
+    (id -> (text, type)) renamed."""
+    reader = gguf.GGUFReader(GGUF)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name == gguf.Keys.Tokenizer.CHAT_TEMPLATE:
+            value = template
+        elif field.name == gguf.Keys.Tokenizer.LIST:
+            value = [renamed[i][0] if i in renamed else text for i, text in enumerate(value)]
+        elif field.name == gguf.Keys.Tokenizer.TOKEN_TYPE:
+            value = [int(renamed[i][1]) if i in renamed else kind_ for i, kind_ in enumerate(value)]
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return path
