@@ -165,3 +165,35 @@ def test_template_kwargs_may_not_replace_the_kernels_variables(reasoner: OpenAI)
         reasoner.chat.completions.create(model="qwen3-style", messages=ASK, max_tokens=4,
                                          extra_body={"chat_template_kwargs": {"messages": []}})
     assert raised.value.body["param"] == "chat_template_kwargs"
+
+
+def test_anthropic_thinking_is_the_models_own_reasoning(reasoning_server: RunningServer) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=reasoning_server.base_url, api_key="unused", max_retries=0, timeout=300)
+    kinds = []
+    for _ in range(8):
+        reply = client.messages.create(model="qwen3-style", max_tokens=80, messages=ASK,
+                                       thinking={"type": "enabled", "budget_tokens": 40})
+        kinds.append([block.type for block in reply.content])
+        for block in reply.content:
+            assert "<think>" not in getattr(block, "text", "") + getattr(block, "thinking", "")
+        assert reply.usage.output_tokens <= 80
+    assert any("thinking" in found for found in kinds), kinds
+    for _ in range(3):  # without thinking, the model does not reason
+        reply = client.messages.create(model="qwen3-style", max_tokens=24, messages=ASK)
+        assert all(block.type != "thinking" for block in reply.content)
+
+
+def test_responses_reasoning_effort_is_the_models_reasoning_effort(reasoner: OpenAI) -> None:
+    reasoned = 0
+    for _ in range(8):
+        response = reasoner.responses.create(model="qwen3-style", input="Describe a cat.", max_output_tokens=80,
+                                             temperature=1.0, reasoning={"effort": "low"})
+        reasoned += any(item.type == "reasoning" for item in response.output)
+        assert response.usage.output_tokens <= 80
+    assert reasoned
+    response = reasoner.responses.create(model="qwen3-style", input="Describe a cat.", max_output_tokens=24,
+                                         reasoning={"effort": "none"})
+    assert all(item.type != "reasoning" for item in response.output)
+    assert response.usage.output_tokens_details.reasoning_tokens == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..protocol.errors import ServiceUnavailable
+from ..protocol.errors import ModelNotFound, ServiceUnavailable
 from ..protocol.openai import ChatCompletionRequest, validate_request
 from .service import ChatService, Prepared, off_loop
 
@@ -36,6 +36,15 @@ class ChatPipeline:
     def request_fields(self) -> dict[str, Any]:
         """The request fields plugins declared, by name (a protocol may map its own options onto them)."""
         return self._service.host.request_fields
+
+    def reasons(self, model: str) -> bool:
+        """Whether ``model`` (a name or alias served here) reasons natively: then ``reasoning_effort``,
+        ``reasoning_budget`` and ``include_reasoning`` steer its reasoning (a model not served here: False, and
+        the request fails later with the usual 404)."""
+        try:
+            return self._service.registry.get(model).reasoning is not None
+        except ModelNotFound:
+            return False
 
     def validate(self, body: dict[str, Any]) -> ChatCompletionRequest:
         """An OpenAI chat request body validated as ``/v1/chat/completions`` validates it (plugin fields

@@ -132,10 +132,12 @@ class ReasoningRequest:
     effort: str | None = None
     budget: int | None = None
     template_kwargs: dict[str, Any] | None = None
+    include: bool = True  # the reasoning is returned (``include_reasoning``)
 
     @classmethod
     def of(cls, request: ChatCompletionRequest) -> ReasoningRequest:
-        return cls(request.reasoning_effort, request.reasoning_budget, request.chat_template_kwargs)
+        return cls(request.reasoning_effort, request.reasoning_budget, request.chat_template_kwargs,
+                   request.include_reasoning)
 
     @property
     def wanted(self) -> bool:
@@ -195,7 +197,8 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
         plan.continuation.append((f"{opening}\n\n{syntax.end}\n\n", True))
         return False
     opening = syntax.start + "\n" if state == "none" else ""
-    pass_ = GenerationPass(opening=opening, stop=[syntax.end], max_tokens=asked.tokens, show_as="reasoning_content",
+    pass_ = GenerationPass(opening=opening, stop=[syntax.end], max_tokens=asked.tokens,
+                           show_as="reasoning_content" if asked.include else "hidden",
                            show_opening=False, shares_max_tokens=True, reasoning=True, done=_closer(syntax, opening))
     plan.passes.insert(0, pass_)  # before the plugins' passes (an artifact plan is made after the reasoning)
     return True

@@ -400,6 +400,8 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_budget: int | None = Field(
         default=None, ge=0, le=MAX_REASONING_BUDGET,
         description="gallama: most tokens a reasoning model's reasoning may use (0: no reasoning).")
+    include_reasoning: bool = Field(
+        default=True, description="Whether a reasoning model's reasoning is returned (reasoning_content).")
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="Extra variables for the model's chat template (e.g. enable_thinking: false).")
 

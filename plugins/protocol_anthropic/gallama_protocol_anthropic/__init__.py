@@ -41,7 +41,7 @@ async def _prepare(request: Request, model: type[CountTokensRequest]) -> tuple[A
 
     def translate() -> tuple[Any, Any]:
         parsed = validate(model, body)
-        return parsed, pipeline.validate(chat_body(parsed, pipeline.request_fields))
+        return parsed, pipeline.validate(chat_body(parsed, pipeline.request_fields, pipeline.reasons(parsed.model)))
 
     parsed, chat = await asyncio.to_thread(translate)
     return pipeline, parsed, await pipeline.prepare(chat)

@@ -6,7 +6,9 @@ Every field is either honoured through the kernel's pipeline, accepted as what i
 * honoured (enforced as on ``/v1/chat/completions``): tools and ``tool_choice`` (``any`` / ``tool``: a valid call
   every time), ``output_config.format`` (a JSON schema the output is held to), ``stop_sequences``,
   ``max_tokens``, ``thinking`` (``enabled`` with its budget, ``adaptive`` with a budget from
-  ``output_config.effort``; ``display: omitted`` hides it), and ``temperature`` / ``top_p`` / ``top_k``, which
+  ``output_config.effort``; ``display: omitted`` hides it: a model that reasons natively reasons within that
+  budget, and without ``thinking`` it does not reason; another model fills in a thinking template, with the
+  thinking plugin), and ``temperature`` / ``top_p`` / ``top_k``, which
   older clients still send;
 * accepted: ``cache_control`` (gallama reuses the longest cached prefix by itself), ``metadata``,
   ``service_tier``, ``speed: standard``, ``inference_geo``, ``diagnostics``, ``user_profile_id``,
@@ -224,9 +226,9 @@ def _text(blocks: str | list[TextBlock]) -> str:
     return blocks if isinstance(blocks, str) else "\n".join(block.text for block in blocks)
 
 
-def chat_body(request: CountTokensRequest, fields: Any) -> dict[str, Any]:
+def chat_body(request: CountTokensRequest, fields: Any, native: bool = False) -> dict[str, Any]:
     """The OpenAI chat request body that serves ``request``. ``fields``: the request fields plugins declared (for
-    ``thinking``, which needs the thinking plugin)."""
+    ``thinking``, which needs the thinking plugin unless the model reasons ``native``-ly)."""
     messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": _text(request.system)})
@@ -250,7 +252,13 @@ def chat_body(request: CountTokensRequest, fields: Any) -> dict[str, Any]:
         if choice.disable_parallel_tool_use and request.tools:
             body["parallel_tool_calls"] = False
     config = request.output_config or OutputConfig()
-    if isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive):
+    thinking = request.thinking
+    if native and isinstance(thinking, ThinkingEnabled | ThinkingAdaptive):
+        body.update(reasoning_budget=thinking.budget_tokens if isinstance(thinking, ThinkingEnabled) else
+                    EFFORT_BUDGET[config.effort or "high"], include_reasoning=thinking.display != "omitted")
+    elif native:  # thinking is off unless asked for
+        body["reasoning_effort"] = "none"
+    elif isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive):
         if "thinking_template" not in fields or "thinking_budget" not in fields:
             raise InvalidRequest("thinking: extended thinking needs the plugin package 'gallama-feature-thinking', "
                                  "which is not installed or is disabled", param="thinking")

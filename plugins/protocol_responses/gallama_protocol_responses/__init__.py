@@ -63,7 +63,8 @@ async def create_response(request: Request) -> Any:
                                      param="previous_response_id", code="previous_response_not_found")
             history = found[1]
         history = [*history, *chat_messages(items(parsed))]
-        return parsed, history, pipeline.validate(chat_body(parsed, history, pipeline.request_fields))
+        return parsed, history, pipeline.validate(chat_body(parsed, history, pipeline.request_fields,
+                                                            pipeline.reasons(parsed.model)))
 
     parsed, history, chat = await asyncio.to_thread(translate)
     prepared = await pipeline.prepare(chat)

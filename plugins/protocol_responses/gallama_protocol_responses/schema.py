@@ -3,7 +3,8 @@
 Honoured through the kernel's pipeline (enforced as on ``/v1/chat/completions``): ``input`` (text, messages,
 ``function_call`` / ``function_call_output`` items), ``instructions``, function ``tools``, ``tool_choice``,
 ``parallel_tool_calls``, ``text.format`` (``text``, ``json_object``, ``json_schema``), ``max_output_tokens``,
-``temperature``, ``top_p``, ``reasoning.effort`` (a thinking budget, with the thinking plugin), ``store`` and
+``temperature``, ``top_p``, ``reasoning.effort`` (the reasoning effort of a model that reasons natively, else a
+thinking budget, with the thinking plugin), ``store`` and
 ``previous_response_id``. Accepted: ``metadata``, ``user``, ``safety_identifier``, ``prompt_cache_key``,
 ``service_tier``, ``truncation: disabled``, ``include`` of what gallama has, ``reasoning.summary``, reasoning items a
 client sends back (earlier turns' reasoning is not part of the prompt). Refused with a 400 naming them: other
@@ -233,8 +234,10 @@ def chat_messages(parsed: list[Item]) -> list[dict[str, Any]]:
     return messages
 
 
-def chat_body(request: ResponsesRequest, history: list[dict[str, Any]], fields: Any) -> dict[str, Any]:
-    """The chat request body: instructions (this request's only), the stored history, then the new input."""
+def chat_body(request: ResponsesRequest, history: list[dict[str, Any]], fields: Any,
+              native: bool = False) -> dict[str, Any]:
+    """The chat request body: instructions (this request's only), the stored history, then the new input.
+    ``native``: the model reasons natively (``reasoning.effort`` is its ``reasoning_effort``)."""
     messages = [*([{"role": "system", "content": request.instructions}] if request.instructions else []),
                 *history]
     if not messages:
@@ -265,7 +268,9 @@ def chat_body(request: ResponsesRequest, history: list[dict[str, Any]], fields: 
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": fmt.name, "schema": fmt.schema_, "strict": bool(fmt.strict)}}
     effort = request.reasoning.effort if request.reasoning is not None else None
-    if effort in EFFORT_BUDGET:
+    if native and effort is not None:
+        body["reasoning_effort"] = "high" if effort == "xhigh" else effort
+    elif effort in EFFORT_BUDGET:
         if "thinking_template" not in fields or "thinking_budget" not in fields:
             raise InvalidRequest("reasoning.effort needs the plugin package 'gallama-feature-thinking', which is not "
                                  "installed or is disabled; leave reasoning out or set effort to 'none'",
