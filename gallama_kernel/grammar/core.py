@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -127,6 +128,19 @@ class Grammar:
     lark: str
     llguidance: str
     description: str = "grammar"
+    special: tuple[tuple[str, str], ...] = ()
+    """``(rule, text)`` of each text the model writes as one special token of its vocabulary (a tool-call marker
+    such as Mistral's ``[TOOL_CALLS]``): see :meth:`GrammarBuilder.special_token` and :meth:`for_vocabulary`."""
+
+    def for_vocabulary(self, token_of: Callable[[str], int | None]) -> str:
+        """The llguidance grammar with each :attr:`special` rule matching the special token ``token_of(text)``
+        (``<[id]>``) instead of the text's characters; a text the vocabulary has no special token for stays text."""
+        text = self.llguidance
+        for rule, special in self.special:
+            token = token_of(special)
+            if token is not None:
+                text = text.replace(f"\n{rule}: {literal(special)}\n", f"\n{rule}: <[{token}]>\n", 1)
+        return text
 
     @cached_property
     def key(self) -> str:
@@ -177,6 +191,7 @@ class GrammarBuilder:
 
     rules: dict[str, str] = field(default_factory=dict)
     lazy: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (llguidance body, lark body)
+    special: dict[str, str] = field(default_factory=dict)  # rule -> text written as one special token
     _memo: dict[Any, str] = field(default_factory=dict)
     _used: set[str] = field(default_factory=set)  # upper-cased names handed out by fresh
     _counters: dict[str, int] = field(default_factory=dict)  # base name -> last suffix handed out
@@ -242,6 +257,16 @@ class GrammarBuilder:
     def define(self, name: str, body: str) -> None:
         self.rules[name] = body
 
+    def special_token(self, text: str) -> str:
+        """A rule for ``text`` that an engine enforces as the vocabulary's special token with that text, when it
+        has one (see :meth:`Grammar.for_vocabulary`; the engine then also writes the token's text in the output),
+        and as plain text otherwise. The read-back parses the text."""
+        name = self.memo(("special", text))
+        if name is None:
+            name = self.rule("special", literal(text), key=("special", text))
+            self.special[name] = text
+        return name
+
     def text_until(self, marker: str, hint: str = "free_text") -> str:
         """A rule for free text up to and including the first ``marker``."""
         name = self.fresh(hint)
@@ -256,7 +281,8 @@ class GrammarBuilder:
         common = [f"{name}: {body}" for name, body in self.rules.items()]
         guidance = [f"start: {start}", *common, *(f"{n}[lazy]: {b[0]}" for n, b in self.lazy.items())]
         python = [f"start: {start}", *common, *(f"{n}: {b[1]}" for n, b in self.lazy.items())]
-        grammar = Grammar("\n".join(python) + "\n", "\n".join(guidance) + "\n", description)
+        grammar = Grammar("\n".join(python) + "\n", "\n".join(guidance) + "\n", description,
+                          tuple(self.special.items()))
         problem = grammar_budget_error(grammar.llguidance, user=False)
         if problem is not None:
             raise GrammarError(f"The {description} cannot be enforced: {problem}", param=param,

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import llguidance
 
@@ -34,10 +35,14 @@ class MatcherCache:
     :param tokenizer: llguidance's view of the model's vocabulary; its EOS tokens are the grammar's end, so once
         a grammar is complete the model may end its turn with any of them
     :param cache_size: pristine compiled matchers kept, keyed by ``Grammar.key``
+    :param special_token: the id of the vocabulary's special token with a given text, or ``None``: a grammar's
+        :attr:`~.core.Grammar.special` texts are then enforced as those tokens
     """
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, cache_size: int = MATCHER_CACHE_SIZE) -> None:
+    def __init__(self, tokenizer: llguidance.LLTokenizer, cache_size: int = MATCHER_CACHE_SIZE,
+                 special_token: Callable[[str], int | None] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.special_token = special_token  # the vocabulary's special token with a text (Grammar.special)
         self.cache_size = cache_size
         self._compiled: OrderedDict[str, llguidance.LLMatcher | str] = OrderedDict()  # key -> matcher or error
         self._lock = threading.Lock()
@@ -64,7 +69,8 @@ class MatcherCache:
                                    code="grammar_too_large")
             started = time.perf_counter()
             try:
-                matcher = llguidance.LLMatcher(self.tokenizer, grammar.llguidance, log_level=0,
+                text = grammar.for_vocabulary(self.special_token) if self.special_token else grammar.llguidance
+                matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0,
                                                limits=matcher_limits())
             except Exception as error:  # what llguidance refuses is the client's grammar: never a 500
                 message = trim_engine_message(str(error))

@@ -82,6 +82,7 @@ class Slot:
     stops: StopMatcher | None = None
     decoder: codecs.IncrementalDecoder | None = None
     matcher: llguidance.LLMatcher | None = None  # the job's grammar, when it has one
+    spoken: frozenset[int] = frozenset()  # control tokens whose text the output shows (the grammar's special)
     text: str = ""  # sampled text not emitted yet (a verification emits its tokens' text at once)
     emitted_at: float | None = None  # when text last went out (None: none yet); see _emit_text
     drafts: list[int] = field(default_factory=list)  # draft tokens fed after pending[0] in this step
@@ -280,9 +281,18 @@ class Engine:
             slot.stops = StopMatcher(job.request.stop)
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.matcher = job.matcher
+            slot.spoken = self._spoken(job)
             slot.text = ""
             slot.emitted_at = None
             slot.draft_k = self.config.draft_tokens
+
+    def _spoken(self, job: Job) -> frozenset[int]:
+        """The control tokens the job's grammar writes (its ``special`` texts): shown as their text."""
+        grammar = job.request.grammar
+        if grammar is None or not grammar.special:
+            return frozenset()
+        found = (self.model.special_token(text) for _, text in grammar.special)
+        return frozenset(token for token in found if token is not None)
 
     def _copy_s(self, cells: int) -> float:
         """The time to copy a slot holding ``cells`` tokens into another: its cells alone through a host buffer,
@@ -474,7 +484,8 @@ class Engine:
             self._fail(slot, matcher.get_error())
             return None
         slot.generated += 1
-        text, stopped = slot.stops.feed(slot.decoder.decode(self.model.piece(token)))
+        piece = self.model.special_piece(token) if token in slot.spoken else self.model.piece(token)
+        text, stopped = slot.stops.feed(slot.decoder.decode(piece))
         if stopped:
             self._finish(slot, text, "stop")
             return None
@@ -524,6 +535,7 @@ class Engine:
         slot.job = None
         slot.pending = []
         slot.matcher = None
+        slot.spoken = frozenset()
         slot.text = ""
         slot.drafts = []
         self._free_sampler(slot)

@@ -40,7 +40,7 @@ class GrammarEngine(MatcherCache):
         with model.in_use():
             tokenizer = lltokenizer_from_vocab(model.vocab, n_vocab=model.n_vocab,
                                                eos_token=model.eog_tokens or None)
-        super().__init__(tokenizer, cache_size)
+        super().__init__(tokenizer, cache_size, special_token=model.special_token)
 
     # llguidance's tokenizer calls llama.cpp's tokenizer on the model's vocabulary while it compiles a grammar:
     # the model stays loaded until that is done, even when the request that asked has gone.

@@ -160,6 +160,20 @@ class LlamaModel:
                 cached = self._pieces[token] = self._render(token, special=False)
         return cached
 
+    def special_token(self, text: str) -> int | None:
+        """The control token whose text is ``text`` (Mistral's ``[TOOL_CALLS]``), or ``None`` (a token that
+        renders as its text, such as a user-defined ``<tool_call>``, is text to a grammar already)."""
+        with self.in_use():
+            tokens = self._tokenize(text.encode("utf-8"), False, parse_special=True)
+            if len(tokens) == 1 and self._render(tokens[0], special=False) != text.encode("utf-8"):
+                return tokens[0]
+        return None
+
+    def special_piece(self, token: int) -> bytes:
+        """Bytes of ``token`` with control tokens rendered as their text (a grammar's special token)."""
+        with self.in_use():
+            return self._render(token, special=True)
+
     def token_text(self, token: int) -> bytes:
         """The vocabulary's own text of ``token`` (special tokens included), for comparing vocabularies."""
         with self.in_use():
