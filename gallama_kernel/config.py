@@ -96,8 +96,8 @@ class ModelSpec(BaseModel):
         "How the model marks its reasoning: auto (from its chat template; the default), none, or START,END "
         "(e.g. <think>,</think>)."))
     tool_format: str | None = Field(default=None, description=(
-        "How the model writes tool calls: auto (from its chat template; the default) or a format name "
-        "(see `gallama plugins`)."))
+        "How the model writes tool calls: auto (from its chat template; the default), hermes, llama3_json, "
+        "mistral or qwen3_coder."))
     draft_model_id: str | None = Field(default=None, description="Draft model for speculative decoding "
                                        "(backends that cannot use one refuse it at load).")
     draft_model_name: str | None = Field(default=None, description="Label of the draft model in health and "
@@ -121,6 +121,15 @@ class ModelSpec(BaseModel):
         from .pipeline.reasoning import parse_setting
 
         parse_setting(value)  # a ValueError names the problem
+        return value
+
+    @field_validator("tool_format")
+    @classmethod
+    def _tool_format(cls, value: str | None) -> str | None:
+        from .grammar.tool_formats import FORMATS
+
+        if value is not None and value != "auto" and value not in FORMATS:
+            raise ValueError(f"tool_format={value!r}: give auto or one of {', '.join(sorted(FORMATS))}")
         return value
 
     @field_validator("cache_quant", "draft_cache_quant", mode="before")

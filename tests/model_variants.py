@@ -105,3 +105,102 @@ def write_variant(path: Path, template: str, renamed: dict[int, tuple[str, gguf.
         writer.write_tensor_data(tensor.data)
     writer.close()
     return path
+
+LLAMA3_STYLE = """\
+{{- bos_token }}<|im_start|>system
+{% if tools %}Environment: ipython
+You may call a function. Answer with JSON of the form {"name": function name, "parameters": dictionary of \
+argument name and its value}.
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}{% endif %}
+{%- if messages[0].role == 'system' %}{{ messages[0].content }}{% endif %}<|im_end|>
+{% for message in messages %}
+{%- if message.role == 'system' %}{% continue %}{% endif %}
+{%- if message.role == 'assistant' and message.tool_calls %}
+<|im_start|>assistant
+{% for call in message.tool_calls %}{"name": "{{ call.function.name }}", "parameters": \
+{{ call.function.arguments | tojson }}}{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}
+<|im_start|>ipython
+{{ message.content }}<|im_end|>
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}
+"""
+"""Llama 3.1 style: one JSON call, ``{"name": …, "parameters": …}``, results in an ``ipython`` turn."""
+
+MISTRAL_STYLE = """\
+{%- for message in messages %}
+{%- if message.role == 'user' %}
+{%- if tools and loop.last %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+<|im_start|>user
+{{ message.content }}<|im_end|>
+{% elif message.role == 'assistant' and message.tool_calls %}
+<|im_start|>assistant
+[TOOL_CALLS] [{% for call in message.tool_calls %}{"name": "{{ call.function.name }}", "arguments": \
+{{ call.function.arguments | tojson }}, "id": "{{ call.id }}"}{% if not loop.last %}, {% endif %}{% endfor %}]\
+<|im_end|>
+{% elif message.role == 'tool' %}
+<|im_start|>user
+[TOOL_RESULTS] {"content": {{ message.content | tojson }}}[/TOOL_RESULTS]<|im_end|>
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}
+"""
+"""Mistral style: ``[TOOL_CALLS]`` (a control token) then an array of calls."""
+
+MISTRAL_TOKENS = {8: ("[TOOL_CALLS]", CONTROL), 9: ("[AVAILABLE_TOOLS]", CONTROL),
+                  10: ("[/AVAILABLE_TOOLS]", CONTROL), 11: ("[TOOL_RESULTS]", CONTROL),
+                  12: ("[/TOOL_RESULTS]", CONTROL)}
+
+QWEN3_CODER_STYLE = """\
+{%- if tools %}
+<|im_start|>system
+You have these functions:
+<tools>
+{% for tool in tools %}<function>
+<name>{{ tool.function.name }}</name>
+<parameters>{{ tool.function.parameters | tojson }}</parameters>
+</function>
+{% endfor %}</tools>
+Call one like this:
+<tool_call>
+<function=example>
+<parameter=name>
+value
+</parameter>
+</function>
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'assistant' and message.tool_calls %}
+<|im_start|>assistant
+{% for call in message.tool_calls %}<tool_call>
+<function={{ call.function.name }}>
+{% for name, value in call.function.arguments.items() %}<parameter={{ name }}>
+{{ value if value is string else value | tojson }}
+</parameter>
+{% endfor %}</function>
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}
+<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}
+"""
+"""Qwen3-Coder style: XML calls, one ``<parameter=…>`` per argument."""

@@ -19,7 +19,8 @@ from typing import Any
 from ..grammar.core import Grammar, GrammarBuilder, GrammarError, user_grammar
 from ..grammar.json_schema import JsonSchemaCompiler
 from ..grammar.regex import add_regex, prefix_grammar, regex_grammar
-from ..grammar.tools import ToolSpec, tool_call_grammar
+from ..grammar.tool_formats import FORMATS
+from ..grammar.tools import ToolSpec
 from ..protocol.openai import ChatCompletionRequest, NamedToolChoice
 
 log = logging.getLogger("gallama.constraints")
@@ -37,6 +38,8 @@ class Constraint:
     :param spec: what defines it (schema, pattern, grammar text; for ``custom`` the cache key); JSON-serialisable
     :param tools: for ``tools``: the functions; ``choice``: ``auto``, ``required`` or a function name
     :param answer: for ``tools`` with ``auto``: the constraint on a plain answer (``response_format``), if any
+    :param format: for ``tools``: the call syntax, a name in :data:`~gallama_kernel.grammar.tool_formats.FORMATS`
+        (the model's own, see :class:`~gallama_kernel.pipeline.models.ServedModel`)
     """
 
     kind: str
@@ -46,6 +49,7 @@ class Constraint:
     choice: str = ""
     parallel: bool = True
     answer: Constraint | None = None
+    format: str = "hermes"
     description: str = field(default="", compare=False)
     build: Callable[[GrammarBuilder], str] | None = field(default=None, compare=False)
 
@@ -58,7 +62,7 @@ class Constraint:
 
     def key(self) -> str:
         return json.dumps([self.kind, self.spec, [(t.name, t.parameters) for t in self.tools], self.choice,
-                           self.parallel, self.answer.key() if self.answer else None], sort_keys=True)
+                           self.parallel, self.answer.key() if self.answer else None, self.format], sort_keys=True)
 
     def add_to(self, builder: GrammarBuilder) -> str:
         """Add this constraint's rules to ``builder``; return the expansion for its output."""
@@ -72,14 +76,14 @@ class Constraint:
             return self.build(builder)
         if self.kind == "tools":
             answer = self.answer.add_to(builder) if self.answer else None
-            _, start = tool_call_grammar(list(self.tools), self.choice, parallel=self.parallel,
-                                         alternative=answer, builder=builder)
+            _, start = FORMATS[self.format].grammar(list(self.tools), self.choice, parallel=self.parallel,
+                                                    alternative=answer, builder=builder)
             return start
         raise GrammarError(f"A {self.kind} constraint cannot be combined here.", param=self.param)
 
 
-def from_request(request: ChatCompletionRequest) -> Constraint | None:
-    """The constraint a chat request asks for, or ``None``."""
+def from_request(request: ChatCompletionRequest, tool_format: str = "hermes") -> Constraint | None:
+    """The constraint a chat request asks for, or ``None``; tool calls in ``tool_format``."""
     answer: Constraint | None = None
     fmt = request.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -104,7 +108,7 @@ def from_request(request: ChatCompletionRequest) -> Constraint | None:
     name = choice.function.name if isinstance(choice, NamedToolChoice) else str(choice)
     parallel = request.parallel_tool_calls is not False
     return Constraint("tools", "tools", tools=tools, choice=name, parallel=parallel,
-                      answer=answer if name == "auto" else None, description="tool calls")
+                      answer=answer if name == "auto" else None, format=tool_format, description="tool calls")
 
 
 _CACHE: OrderedDict[str, Grammar] = OrderedDict()

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backend import Backend
+from ..grammar.tool_formats import FORMATS, HERMES, ToolFormat, detect_format
 from ..protocol.errors import ModelNotFound
 from .prompt import PromptRenderer
 from .reasoning import ReasoningSyntax, detect
+from .tools import template_knows_tools
 
 
 @dataclass
@@ -21,12 +23,21 @@ class ServedModel:
     renderer: PromptRenderer = field(init=False)
     reasoning: ReasoningSyntax | None = field(init=False)
     """How the model marks its reasoning (``None``: it does not reason); see :mod:`.reasoning`."""
+    tool_format: ToolFormat = field(init=False)
+    """How the model writes tool calls: its ``tool_format`` key, else the format its chat template shows when
+    the template renders tools, else the generic ``hermes``."""
 
     def __post_init__(self) -> None:
         self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens,
                                        self.backend.control_texts)
         spec = getattr(self.backend, "spec", None)
         self.reasoning = detect(self.backend.chat_template, getattr(spec, "reasoning", None))
+        chosen = getattr(spec, "tool_format", None)
+        template = self.renderer.source if self.renderer.uses_model_template else None
+        if chosen not in (None, "auto"):
+            self.tool_format = FORMATS[chosen]
+        else:
+            self.tool_format = (detect_format(template) if template_knows_tools(template) else None) or HERMES
 
 
 class ModelRegistry:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from ..backend import GenerationEvent, GenerationRequest, SamplingParams
 from ..grammar import Grammar, GrammarError
+from ..grammar.tool_formats import FORMATS
 from ..plugins import PluginHost
 from ..protocol import limits
 from ..protocol.errors import InvalidRequest
@@ -240,7 +241,7 @@ class ChatService:
         check_chat_limits(request)
         messages = [self._message_dict(m) for m in request.messages]
         plan = RequestPlan(messages=messages, leading_prompt=request.leading_prompt or "", stop=request.stop_list,
-                           constraint=constraints.from_request(request))
+                           constraint=constraints.from_request(request, model.tool_format.name))
         plan.template_vars.update(request.chat_template_kwargs or {})
         self._present_tools(model, request, plan)
         self.host.prepare_request(request, plan)
@@ -288,9 +289,10 @@ class ChatService:
             if offered and name != "none":
                 plan.template_vars["tools"] = offered
             return
-        plan.messages = tools.render_history(plan.messages)
+        plan.messages = tools.render_history(plan.messages, model.tool_format)
         if offered and name != "none":
-            plan.messages = tools.add_system_text(plan.messages, tools.tool_system_prompt(offered, name))
+            plan.messages = tools.add_system_text(plan.messages,
+                                                  tools.tool_system_prompt(offered, name, model.tool_format))
 
     @staticmethod
     def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -358,8 +360,11 @@ class ChatService:
                     reasoning = totals
                 elif delta:  # a visible pass: no transformer reads it, but each may annotate it
                     yield [prepared.annotate(delta)], GenerationEvent("", 0), None
-        calls = (tools.ToolCallStream(may_answer=prepared.tool_mode == "auto", after=prepared.constraint_after)
-                 if prepared.tool_mode else None)
+        calls = None
+        constraint = prepared.plan.constraint if prepared.plan is not None else None
+        if prepared.tool_mode and constraint is not None:
+            calls = FORMATS[constraint.format].reader(constraint.tools, may_answer=prepared.tool_mode == "auto",
+                                                      after=prepared.constraint_after)
         text: list[str] = []
         async for event in prepared.events():
             final = event.finish_reason is not None

@@ -8,10 +8,11 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gallama_kernel.grammar.tool_formats import HERMES, ToolCallReader
 from gallama_kernel.grammar.tools import CALL_SEPARATOR, ToolSpec, call_text, grammar_for_tools, read_calls
 from gallama_kernel.pipeline.constraints import Constraint, compile_constraint
 from gallama_kernel.pipeline.service import merge_delta
-from gallama_kernel.pipeline.tools import ToolCallStream, render_history
+from gallama_kernel.pipeline.tools import render_history
 
 TOOLS = [
     ToolSpec("get_weather", {"type": "object", "properties": {"city": {"type": "string"},
@@ -62,7 +63,7 @@ def test_compiled_constraints_are_cached() -> None:
     assert not after.matches(WEATHER)
 
 
-def accumulate(stream: ToolCallStream, pieces: list[str]) -> tuple[dict, list[dict]]:
+def accumulate(stream: ToolCallReader, pieces: list[str]) -> tuple[dict, list[dict]]:
     message: dict = {"role": "assistant", "content": ""}
     deltas: list[dict] = []
     for piece in pieces:
@@ -81,7 +82,7 @@ def chunks(text: str, cuts: list[int]) -> list[str]:
 @given(st.lists(st.integers(min_value=0, max_value=500), max_size=30))
 def test_stream_parser_is_independent_of_chunking(cuts: list[int]) -> None:
     text = WEATHER + CALL_SEPARATOR + NOW
-    message, deltas = accumulate(ToolCallStream(may_answer=False), chunks(text, cuts))
+    message, deltas = accumulate(HERMES.reader([], may_answer=False), chunks(text, cuts))
     assert message["content"] == ""
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
         ("get_weather", '{"city":"Paris","unit":"c"}'), ("now", "{}")]
@@ -93,7 +94,7 @@ def test_stream_parser_is_independent_of_chunking(cuts: list[int]) -> None:
 @given(st.lists(st.integers(min_value=0, max_value=100), max_size=10))
 def test_auto_text_passes_through(cuts: list[int]) -> None:
     for text in ["Just text.", "<to be or not>", "<tool"]:
-        message, _ = accumulate(ToolCallStream(may_answer=True), chunks(text, cuts))
+        message, _ = accumulate(HERMES.reader([], may_answer=True), chunks(text, cuts))
         assert message["content"] == text
         assert "tool_calls" not in message
 
@@ -101,7 +102,7 @@ def test_auto_text_passes_through(cuts: list[int]) -> None:
 @given(st.lists(st.integers(min_value=0, max_value=200), max_size=10))
 def test_reasoning_before_calls_passes_through_as_content(cuts: list[int]) -> None:
     text = "think about </thi it</think>" + WEATHER
-    message, _ = accumulate(ToolCallStream(may_answer=True, after="</think>"), chunks(text, cuts))
+    message, _ = accumulate(HERMES.reader([], may_answer=True, after="</think>"), chunks(text, cuts))
     assert message["content"] == "think about </thi it</think>"
     assert message["tool_calls"][0]["function"]["name"] == "get_weather"
 
