@@ -4,6 +4,9 @@ r"""The kernel's grammars in llama.cpp's GBNF, for a remote ``llama-server`` (it
 that accepts the same strings, or refuses with a :class:`~.core.GrammarError` (code ``constraint_not_supported``)
 naming what GBNF cannot say exactly. It never returns a GBNF for a different language.
 
+:func:`expression_rules` gives the same reading of a grammar before the rewrites that only llama.cpp needs:
+rules of character-level expressions, which :mod:`.closing` runs its own parser over.
+
 How the Lark grammar maps to GBNF:
 
 * Lark's rule trees are read as EBNF (``?``, ``*``, ``+``, ``~ n..m``, ``[…]``, groups, ``"a".."z"``), never
@@ -58,7 +61,8 @@ from __future__ import annotations
 import _sre  # type: ignore[import-not-found]
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from re import _constants as sre  # type: ignore[attr-defined]
@@ -75,7 +79,7 @@ from .core import Grammar, GrammarError
 from .limits import MAX_GRAMMAR_CHARS, MAX_REPEAT, over
 from .regex import MAX_CHAR, Alt, Chars, Ranges, Repeat, Seq, _codes, _intersect, _merge, _subtract
 
-__all__ = ["MAX_GBNF_CHARS", "to_gbnf"]
+__all__ = ["MAX_GBNF_CHARS", "Node", "Ref", "expression_rules", "to_gbnf"]
 
 MAX_GBNF_CHARS = 5 * MAX_GRAMMAR_CHARS
 """Longest GBNF written (a client's ``\\w`` is a class of ~700 ranges, and ``(?i)`` turns letters into classes)."""
@@ -98,6 +102,8 @@ NEWLINE: Ranges = ((10, 10),)
 
 @dataclass(frozen=True)
 class Ref:
+    """A reference to another rule of the same rules."""
+
     name: str  # a GBNF rule name
 
 
@@ -319,11 +325,20 @@ class _RegexResult:
     anchored_end: bool
 
 
+@dataclass(frozen=True)
+class _RepeatLimit:
+    """The largest repetition count read (nested counts multiplied), and what it is the limit of."""
+
+    count: int = MAX_REPEAT
+    of: str = "llama.cpp's GBNF"
+
+
 class _Regex:
     """One Python regex as a :data:`Node`, exactly."""
 
-    def __init__(self, refuse: Refuse) -> None:
+    def __init__(self, refuse: Refuse, limit: _RepeatLimit) -> None:
         self.refuse = refuse
+        self.limit = limit
         self.anchored_start = self.anchored_end = False
         self.scale = 1  # product of the counts of the repetitions around the current node
 
@@ -378,9 +393,9 @@ class _Regex:
                                   "regex matches")
             unbounded = high is sre.MAXREPEAT
             count = max(low, 0 if unbounded else high)
-            if self.scale * max(count, 1) > MAX_REPEAT:
-                raise self.refuse("a regex repetition count too large for llama.cpp's GBNF: " + over(
-                    "repetition count (nested counts multiplied)", self.scale * count, MAX_REPEAT))
+            if self.scale * max(count, 1) > self.limit.count:
+                raise self.refuse(f"a regex repetition count too large for {self.limit.of}: " + over(
+                    "repetition count (nested counts multiplied)", self.scale * count, self.limit.count))
             outer, self.scale = self.scale, self.scale * max(count, 1)
             try:
                 return _repeat(self.sequence(list(body), flags, False, False), low, None if unbounded else high)
@@ -421,8 +436,9 @@ class _Names:
 # --- Lark grammar → rules ------------------------------------------------------------------------------------
 
 class _Converter:
-    def __init__(self, text: str, refuse: Refuse) -> None:
+    def __init__(self, text: str, refuse: Refuse, limit: _RepeatLimit) -> None:
         self.refuse = refuse
+        self.limit = limit
         builder = LarkGrammarBuilder()
         builder.load_grammar(text, "<string>")
         builder.validate()
@@ -513,9 +529,9 @@ class _Converter:
                 low, high = numbers[0], numbers[-1]
                 if high < low:
                     raise self.refuse(f"a repetition range {low}..{high} (in {where}) that matches nothing")
-                if high > MAX_REPEAT:
-                    raise self.refuse(f"a repetition (~) in {where} too large for llama.cpp's GBNF: " + over(
-                        "repetition count", high, MAX_REPEAT))
+                if high > self.limit.count:
+                    raise self.refuse(f"a repetition (~) in {where} too large for {self.limit.of}: " + over(
+                        "repetition count", high, self.limit.count))
             return _repeat(atom, low, high)
         raise self.refuse(f"the Lark construct '{data}'")
 
@@ -547,7 +563,7 @@ class _Converter:
             state0 = own or self.names.fresh(where)
             self.lazy(marker, state0)
             return None if own else Ref(state0)
-        result = _Regex(self.refuse).translate(regex)
+        result = _Regex(self.refuse, self.limit).translate(regex)
         if not (result.anchored_start or result.anchored_end):
             return result.node
         name = own or self.names.fresh(where)
@@ -997,31 +1013,37 @@ def to_gbnf(grammar: Grammar, *, param: str | None = None) -> str:
     return text
 
 
-def _convert(grammar: Grammar) -> str:
+def expression_rules(grammar: Grammar, *, max_repeat: int = MAX_REPEAT) -> tuple[dict[str, Node], str]:
+    """``grammar`` as character-level expressions: (rules, the root rule's name), the same language.
+
+    The rules are read as for :func:`to_gbnf` (terminals expanded from their regexes, ``text_until``'s look-ahead
+    terminal as a KMP automaton, anchors checked), but before the rewrites only llama.cpp needs: left recursion
+    (direct or not) is kept as written, and a repetition may repeat something that can be empty. Each call
+    returns new rules (the caller may change them). Names are GBNF rule names (``root`` for ``start``).
+
+    ``max_repeat`` is the largest repetition count accepted (nested counts multiplied, a Lark ``~ n..m`` by its
+    own): :data:`~.limits.MAX_REPEAT` is llama.cpp's, a reader that does not expand counts may accept more.
+
+    :raises GrammarError: (code ``constraint_not_supported``) for the constructs :func:`to_gbnf` refuses for
+        reasons other than llama.cpp's own (``%ignore``, look-arounds other than ``text_until``'s,
+        back-references, …; see the module docstring)
+    """
     description = grammar.description
 
     def refuse(construct: str) -> GrammarError:
-        return GrammarError(f"The {description} cannot be enforced exactly by llama.cpp's GBNF: it uses "
-                            f"{construct}.", code=CODE)
+        return GrammarError(f"The {description} cannot be read as character-level rules: it uses {construct}.",
+                            code=CODE)
 
+    with _reading(refuse):
+        converter = _read(grammar.lark, refuse, _RepeatLimit(max_repeat, "character-level rules"))
+    return converter.rules, converter.root
+
+
+@contextmanager
+def _reading(refuse: Refuse) -> Iterator[None]:
+    """Turns any error but a :class:`GrammarError` raised while a grammar is read into a refusal."""
     try:
-        converter = _Converter(grammar.lark, refuse)
-        converter.convert()
-        rules, root = converter.rules, converter.root
-        for anchored, at_start in ((converter.anchored_start, True), (converter.anchored_end, False)):
-            if anchored:
-                edge = _edge_rules(rules, root, at_start)
-                for name in sorted(anchored - edge):
-                    side, where = ("before", "start") if at_start else ("after", "end")
-                    raise refuse(f"a regex anchor in the terminal '{name}', which may occur where text can come "
-                                 f"{side} it (anchors are only converted at the {where} of the whole output)")
-        _remove_direct_left_recursion(rules)
-        _NonEmpty(rules, converter.names).run()
-        recursive = _left_recursion(rules)
-        if recursive is not None:
-            raise refuse(f"left recursion (the rule '{recursive}' can start with itself), which llama.cpp "
-                         "refuses")
-        text = _Renderer(rules, root, converter.names).render()
+        yield
     except GrammarError:
         raise
     except RecursionError:
@@ -1029,6 +1051,40 @@ def _convert(grammar: Grammar) -> str:
     except Exception as error:  # Lark's own errors on a grammar it cannot read, the regex module's: never a 500
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise refuse(f"a grammar that cannot be read ({first})") from None
+
+
+def _read(text: str, refuse: Refuse, limit: _RepeatLimit) -> _Converter:
+    """The Lark grammar ``text`` converted into rules, its anchors checked (each only where it holds anyway)."""
+    converter = _Converter(text, refuse, limit)
+    converter.convert()
+    rules, root = converter.rules, converter.root
+    for anchored, at_start in ((converter.anchored_start, True), (converter.anchored_end, False)):
+        if anchored:
+            edge = _edge_rules(rules, root, at_start)
+            for name in sorted(anchored - edge):
+                side, where = ("before", "start") if at_start else ("after", "end")
+                raise refuse(f"a regex anchor in the terminal '{name}', which may occur where text can come "
+                             f"{side} it (anchors are only converted at the {where} of the whole output)")
+    return converter
+
+
+def _convert(grammar: Grammar) -> str:
+    description = grammar.description
+
+    def refuse(construct: str) -> GrammarError:
+        return GrammarError(f"The {description} cannot be enforced exactly by llama.cpp's GBNF: it uses "
+                            f"{construct}.", code=CODE)
+
+    with _reading(refuse):
+        converter = _read(grammar.lark, refuse, _RepeatLimit())
+        rules, root = converter.rules, converter.root
+        _remove_direct_left_recursion(rules)
+        _NonEmpty(rules, converter.names).run()
+        recursive = _left_recursion(rules)
+        if recursive is not None:
+            raise refuse(f"left recursion (the rule '{recursive}' can start with itself), which llama.cpp "
+                         "refuses")
+        text = _Renderer(rules, root, converter.names).render()
     if len(text) > MAX_GBNF_CHARS:
         raise GrammarError(f"The {description} is too large for llama.cpp's GBNF: " + over(
             "GBNF size (characters)", len(text), MAX_GBNF_CHARS), code="grammar_too_large")
