@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 from ..backend import GenerationEvent, GenerationRequest, SamplingParams
 from ..grammar import Grammar, GrammarError
+from ..grammar.closing import Closer
 from ..grammar.tool_formats import FORMATS
 from ..plugins import PluginHost
 from ..protocol import limits
 from ..protocol.errors import InvalidRequest
 from ..protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
-from . import constraints, reasoning, tools
+from . import constraints, reasoning, tools, truncation
 from .embeddings import require_chat
 from .models import ModelRegistry, ServedModel
 from .plan import SEGMENT, Delta, GenerationPass, RequestPlan, ResponseTransformer
@@ -170,6 +171,8 @@ class Prepared:
     passes: list[PreparedPass] = field(default_factory=list)
     requested_tokens: int | None = None
     answer_reserve: int = 1  # tokens passes that share max_tokens leave the answer (see reasoning.answer_reserve)
+    closer: Closer | None = None  # the answer grammar's closer: the answer cannot be cut off (see truncation)
+    output_closed: bool = False  # the answer reached max_tokens and was closed with its grammar's shortest ending
     emit_interval_s: float = math.inf  # set for streams from the backend's stream_interval_s
     final_usage: dict[str, Any] | None = None  # a stream's usage once it finished (asked for or not)
     stop_sequence: str | None = None  # the stop string that ended the answer, once it finished
@@ -187,8 +190,13 @@ class Prepared:
     def id(self) -> str:
         return self.generation.request_id
 
-    async def events(self, generation: GenerationRequest | None = None) -> AsyncIterator[GenerationEvent]:
-        request = dataclasses.replace(generation or self.generation, emit_interval_s=self.emit_interval_s)
+    async def events(self, generation: GenerationRequest | None = None,
+                     pieces: bool = False) -> AsyncIterator[GenerationEvent]:
+        """The backend's events; ``pieces``: text comes in pieces even when not streamed (as a stream would)."""
+        interval = self.emit_interval_s
+        if pieces and math.isinf(interval):
+            interval = self.model.backend.stream_interval_s
+        request = dataclasses.replace(generation or self.generation, emit_interval_s=interval)
         stream = self.model.backend.stream(request)
         try:
             async for event in stream:
@@ -253,6 +261,12 @@ class ChatService:
         if passes:  # the first pass's prompt must fit before the response starts
             token_budget(model, len(prompt_tokens(model, plan, passes[0].spec.opening)), None)
         max_tokens = token_budget(model, len(tokens), request.token_limit)
+        closer = truncation.closer_for(grammar)
+        shortest = 0
+        if closer is not None and plan.constraint is not None:
+            shortest = truncation.shortest_tokens(closer, counter(model), requested=request.token_limit,
+                                                  room=model.backend.context_length - len(tokens),
+                                                  param=plan.constraint.param)
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_tokens=tokens, max_tokens=max_tokens,
             sampling=sampling_from(request), stop=plan.stop, grammar=grammar)
@@ -262,7 +276,7 @@ class ChatService:
             tool_mode = "auto" if plan.constraint.choice == "auto" else "calls"
         return Prepared(model, generation, transformers, tool_mode=tool_mode, constraint_after=plan.constraint_after,
                         plan=plan, passes=passes, requested_tokens=request.token_limit,
-                        answer_reserve=reasoning.answer_reserve(max_tokens, 0))
+                        answer_reserve=reasoning.answer_reserve(max_tokens, shortest), closer=closer)
 
     @staticmethod
     def _grammar(model: ServedModel, constraint: constraints.Constraint | None,
@@ -366,7 +380,13 @@ class ChatService:
             calls = FORMATS[constraint.format].reader(constraint.tools, may_answer=prepared.tool_mode == "auto",
                                                       after=prepared.constraint_after)
         text: list[str] = []
-        async for event in prepared.events():
+        guard = None
+        if prepared.closer is not None:
+            guard = truncation.TruncationGuard(prepared.closer, prepared.generation.max_tokens,
+                                               counter(prepared.model))
+        async for event in prepared.events(pieces=guard is not None):
+            if guard is not None:
+                event = guard.event(event)
             final = event.finish_reason is not None
             text.append(event.text)
             if calls is not None:
@@ -377,7 +397,10 @@ class ChatService:
             if final:
                 deltas += prepared.transform({}, final=True)
             finish: str | None = event.finish_reason
-            if final and finish == "stop":
+            closed = final and guard is not None and guard.closed
+            if closed:
+                prepared.output_closed = True
+            if final and (finish == "stop" or closed):
                 if prepared.grammar is not None:  # a new grammar's parser takes ~0.1 s to build: not on the loop
                     await asyncio.to_thread(constraints.check_output, prepared.grammar, "".join(text))
                 if calls is not None and calls.calls:
@@ -402,7 +425,8 @@ class ChatService:
         for index, message in enumerate(messages):
             if message.get("tool_calls") and not message["content"]:
                 message["content"] = None
-            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None,
+                            **({"output_closed": True} if prepared.output_closed else {})})
         return {
             "id": prepared.id, "object": "chat.completion", "created": prepared.created,
             "model": prepared.model.name, "choices": choices, "usage": usage(last),
@@ -428,7 +452,10 @@ class ChatService:
                 yield chunk(delta)
             if finish is not None:
                 prepared.final_usage = usage(event)
-                yield chunk(prepared.annotate({}), finish)
+                last = chunk(prepared.annotate({}), finish)
+                if prepared.output_closed:
+                    last["choices"][0]["output_closed"] = True
+                yield last
                 if include_usage:
                     yield {"id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
                            "model": prepared.model.name, "choices": [], "usage": usage(event)}
@@ -498,6 +525,18 @@ class ChatService:
                 body["choices"] = []
                 body["usage"] = usage(event)
                 yield body
+
+
+def counter(model: ServedModel) -> truncation.Count:
+    """Tokens of a text as ``model`` would write it (plain text, no BOS)."""
+    backend = model.backend
+
+    def count(text: str) -> int:
+        try:
+            return len(backend.tokenize_plain(text, add_special=False))
+        except NotImplementedError:
+            return len(backend.tokenize(text, add_special=False))
+    return count
 
 
 def keep_order(plan: RequestPlan, done: Callable[[RequestPlan, str], None], text: str) -> None:
