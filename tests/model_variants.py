@@ -27,7 +27,7 @@ _CONVERSATION = """\
 <|im_start|>assistant
 {% if message.content %}{{ message.content.split('</think>')[-1].lstrip() }}{% endif %}
 {%- if message.tool_calls %}{% for call in message.tool_calls %}
-<tool_call>{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}\
+<tool_call>\n{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}\n\
 </tool_call>{% endfor %}{% endif %}<|im_end|>
 {% elif message.role == 'tool' %}
 <|im_start|>user
@@ -48,7 +48,7 @@ _TOOLS = """\
 
 {% endif %}You may call these functions:
 {% for tool in tools %}{{ tool | tojson }}
-{% endfor %}Call one with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.<|im_end|>
+{% endfor %}Call one with <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>
 {% endif %}
 """
 

@@ -1,7 +1,7 @@
 """Model-native tool-call formats end to end: the embedded weights under a Llama-3.1-style, a Mistral-style (its
-``[TOOL_CALLS]`` a control token) and a Qwen3-Coder-style template (see :mod:`model_variants`), served by ``gallama
-run`` and asked through the ``openai`` client. Each model is held to its own call syntax, which its template
-announces; the server reads the calls back into OpenAI ``tool_calls``.
+``[TOOL_CALLS]`` a control token), a Qwen3-Coder-style and a Qwen3-style template (see :mod:`model_variants`),
+served by ``gallama run`` and asked through the ``openai`` client. Each model is held to its own call syntax,
+which its template announces; the server reads the calls back into OpenAI ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ from typing import Any
 
 import jsonschema
 import pytest
-from model_variants import LLAMA3_STYLE, MISTRAL_STYLE, MISTRAL_TOKENS, QWEN3_CODER_STYLE, write_variant
+from model_variants import (
+    LLAMA3_STYLE,
+    MISTRAL_STYLE,
+    MISTRAL_TOKENS,
+    QWEN3_CODER_STYLE,
+    QWEN3_STYLE,
+    THINK_TOKENS,
+    write_variant,
+)
 from openai import OpenAI
 
 from gallama_kernel.testing import RunningServer
@@ -29,7 +37,7 @@ CODE = {"type": "function", "function": {"name": "lookup", "parameters": {
 TOOLS = [WEATHER, NOW, CODE]
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-MODELS = ["llama3-style", "mistral-style", "coder-style"]
+MODELS = ["llama3-style", "mistral-style", "coder-style", "qwen3-style"]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +45,12 @@ def formats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
     folder = tmp_path_factory.mktemp("tool-format-models")
     variants = {"llama3-style": write_variant(folder / "llama3.gguf", LLAMA3_STYLE, {}),
                 "mistral-style": write_variant(folder / "mistral.gguf", MISTRAL_STYLE, MISTRAL_TOKENS),
-                "coder-style": write_variant(folder / "coder.gguf", QWEN3_CODER_STYLE, {})}
+                "coder-style": write_variant(folder / "coder.gguf", QWEN3_CODER_STYLE, {}),
+                "qwen3-style": write_variant(folder / "qwen3.gguf", QWEN3_STYLE, THINK_TOKENS)}
+    # the qwen3-style model's reasoning is turned off by its model key: these tests are about its calls
     arguments = [part for name, path in variants.items()
-                 for part in ("-id", f"model_id={path} model_name={name} max_concurrent_requests=2")]
+                 for part in ("-id", f"model_id={path} model_name={name} max_concurrent_requests=2"
+                                     + (" reasoning=none" if name == "qwen3-style" else ""))]
     running = RunningServer(tmp_path_factory.mktemp("gallama-formats-home"), *arguments, timeout=240)
     try:
         yield running

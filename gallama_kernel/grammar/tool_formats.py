@@ -13,6 +13,11 @@ The formats (:data:`FORMATS`, by name):
     between. The kernel's generic syntax (:mod:`.tools`, whose rules and texts this format reuses), trained
     into Hermes, Qwen2.5 and Qwen3. Templates show ``<tool_call>``.
 
+``hermes_lines``
+    ``<tool_call>\n{"name":"NAME","arguments":{...}}\n</tool_call>``, calls separated by ``"\n"``: the same
+    calls, each on lines of its own between the tags, as the templates of Hermes 2 Pro, Qwen2.5 and Qwen3 write
+    them (``<tool_call>\n{`` in the template's source).
+
 ``llama3_json``
     Llama 3.1/3.2/3.3 JSON calls: the whole message is ``{"name":"NAME","parameters":{...}}`` (keys in that
     order; Meta's template renders an earlier call as ``{"name": "NAME", "parameters": ARGS}``, spaced, which
@@ -95,6 +100,7 @@ from .core import Grammar, GrammarBuilder, GrammarError, escape_regex, literal, 
 from .json_schema import ANNOTATIONS, JsonSchemaCompiler, compact
 from .json_schema import FORMATS as STRING_FORMATS
 from .tools import (
+    CALL_CLOSE,
     CALL_OPEN,
     CALL_SEPARATOR,
     CALL_TAIL,
@@ -109,11 +115,13 @@ from .tools import (
 __all__ = [
     "FORMATS",
     "HERMES",
+    "HERMES_LINES",
     "LLAMA3_JSON",
     "MISTRAL",
     "QWEN3_CODER",
     "Delta",
     "HermesFormat",
+    "HermesLinesFormat",
     "JsonCallFormat",
     "JsonCallReader",
     "JsonLayout",
@@ -557,6 +565,19 @@ class HermesFormat(JsonCallFormat):
         return CALL_OPEN in template_source
 
 
+class HermesLinesFormat(JsonCallFormat):
+    """``<tool_call>\\n{"name":…,"arguments":…}\\n</tool_call>``: Hermes as templates write it, a call per line."""
+
+    name = "hermes_lines"
+    opening = CALL_OPEN
+    layout = JsonLayout(prefix="", head_start=CALL_OPEN + '\n{"name":', head_end=',"arguments":',
+                        tail="}\n" + CALL_CLOSE, separator="\n")
+
+    def detect(self, template_source: str) -> bool:
+        # the newline as the template's Jinja string writes it (an escape) or as a line break
+        return CALL_OPEN + "\\n{" in template_source or CALL_OPEN + "\n{" in template_source
+
+
 LLAMA3_INSTRUCTION = re.compile(r'\{"name": [^{}\n]{0,200}"parameters":')
 """The call shape Llama 3.x templates state or write: ``{"name": function name, "parameters": …`` or
 ``{"name": "' + tool_call.name + '", "parameters": …``."""
@@ -950,14 +971,16 @@ class Qwen3CoderReader(ToolCallReader):
 # -- the registry -------------------------------------------------------------------------------------------
 
 HERMES = HermesFormat()
+HERMES_LINES = HermesLinesFormat()
 LLAMA3_JSON = Llama3JsonFormat()
 MISTRAL = MistralFormat()
 QWEN3_CODER = Qwen3CoderFormat()
 
-FORMATS: dict[str, ToolFormat] = {fmt.name: fmt for fmt in (HERMES, LLAMA3_JSON, MISTRAL, QWEN3_CODER)}
+FORMATS: dict[str, ToolFormat] = {fmt.name: fmt for fmt in (HERMES, HERMES_LINES, LLAMA3_JSON, MISTRAL,
+                                                              QWEN3_CODER)}
 """Every format by name."""
 
-DETECTION_ORDER: tuple[ToolFormat, ...] = (MISTRAL, QWEN3_CODER, HERMES, LLAMA3_JSON)
+DETECTION_ORDER: tuple[ToolFormat, ...] = (MISTRAL, QWEN3_CODER, HERMES_LINES, HERMES, LLAMA3_JSON)
 """Most specific first: Qwen3-Coder templates also hold ``<tool_call>``; a template that shows an explicit
 ``<tool_call>`` syntax is taken at its word before the looser signs of Llama's JSON calls."""
 

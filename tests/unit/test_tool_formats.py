@@ -146,6 +146,8 @@ def check_stream(fmt: ToolFormat, pieces: list[str], calls: list[ParsedCall], *,
 GOLDEN = {
     "hermes": '<tool_call>{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius","days":3}}</tool_call>'
               '<tool_call>{"name":"now","arguments":{}}</tool_call>',
+    "hermes_lines": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius","days":3}}\n'
+                    '</tool_call>\n<tool_call>\n{"name":"now","arguments":{}}\n</tool_call>',
     "llama3_json": '{"name":"get_weather","parameters":{"city":"Paris","unit":"celsius","days":3}}',
     "mistral": '[TOOL_CALLS][{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius","days":3}},'
                '{"name":"now","arguments":{}}]',
@@ -278,6 +280,9 @@ MALFORMED_CALLS: list[tuple[str, dict[str, Any]]] = [
 SYNTAX_ERRORS = {
     "hermes": ['<tool_call>{"name": "now", "arguments": {}}</tool_call>', '<tool_call>\n{"name":"now","arguments":{}}'
                '\n</tool_call>', '{"name":"now","arguments":{}}'],
+    "hermes_lines": ['<tool_call>{"name":"now","arguments":{}}</tool_call>',
+                     '<tool_call>\n{"name":"now","arguments":{}}\n</tool_call><tool_call>\n{"name":"now",'
+                     '"arguments":{}}\n</tool_call>', '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'],
     "llama3_json": ['{"name": "now", "parameters": {}}', '{"name":"now","arguments":{}}',
                     '<|python_tag|>{"name":"now","parameters":{}}', '{"parameters":{},"name":"now"}'],
     "mistral": ['[TOOL_CALLS] [{"name":"now","arguments":{}}]', '[TOOL_CALLS]{"name":"now","arguments":{}}',
@@ -522,7 +527,8 @@ message['content'] + ' [/INST]' }}{%- else %}{{- message['content'] + eos_token 
 
 
 @pytest.mark.parametrize(("template", "name"), [
-    (QWEN25_TEMPLATE, "hermes"),
+    (QWEN25_TEMPLATE, "hermes_lines"),
+    ("{{ '<tool_call>' + call | tojson + '</tool_call>' }}", "hermes"),
     (LLAMA31_TEMPLATE, "llama3_json"),
     (LLAMA32_LIKE_TEMPLATE, "llama3_json"),
     (MISTRAL_V3_TEMPLATE, "mistral"),
@@ -562,7 +568,7 @@ def test_special_texts_name_the_control_tokens_a_format_writes() -> None:
     assert MISTRAL.opening == "[TOOL_CALLS]"
     for fmt in (HERMES, LLAMA3_JSON, QWEN3_CODER):
         assert fmt.special_texts == ()
-    assert set(FORMATS) == {"hermes", "llama3_json", "mistral", "qwen3_coder"}
+    assert set(FORMATS) == {"hermes", "hermes_lines", "llama3_json", "mistral", "qwen3_coder"}
     assert all(FORMATS[name].name == name for name in FORMATS)
 
 
