@@ -204,3 +204,29 @@ value
 {% endif %}
 """
 """Qwen3-Coder style: XML calls, one ``<parameter=…>`` per argument."""
+
+HARMONY_STYLE = """\
+<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}<|end|>
+{%- if tools %}<|start|>developer<|message|># Tools
+namespace functions {
+{% for tool in tools %}type {{ tool.function.name }} = (_: {{ tool.function.parameters | tojson }}) => any;
+{% endfor %}}<|end|>{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}<|start|>developer<|message|>{{ message.content }}<|end|>
+{%- elif message.role == 'user' %}<|start|>user<|message|>{{ message.content }}<|end|>
+{%- elif message.role == 'assistant' and message.tool_calls %}{% for call in message.tool_calls %}\
+<|start|>assistant<|channel|>commentary to=functions.{{ call.function.name }} <|constrain|>json<|message|>\
+{{ call.function.arguments | tojson }}<|call|>{% endfor %}
+{%- elif message.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>
+{%- elif message.role == 'tool' %}<|start|>functions.tool to=assistant<|channel|>commentary<|message|>\
+{{ message.content }}<|end|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|start|>assistant{% endif %}"""
+"""gpt-oss's harmony: reasoning on the analysis channel, the answer on final, calls on commentary."""
+
+HARMONY_TOKENS = {3: ("<|start|>", CONTROL), 4: ("<|end|>", CONTROL), 5: ("<|message|>", CONTROL),
+                  6: ("<|channel|>", CONTROL), 7: ("<|constrain|>", CONTROL), 8: ("<|return|>", CONTROL),
+                  9: ("<|call|>", CONTROL)}
+"""As in gpt-oss's vocabulary (llama.cpp then shows ``<|channel|>``, ``<|message|>``, ``<|start|>`` and
+``<|constrain|>`` as text, and ends generation at ``<|return|>`` and ``<|call|>``)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import jsonschema
 import openai
 import pytest
-from model_variants import QWEN3_STYLE, R1_STYLE, THINK_TOKENS, write_variant
+from model_variants import HARMONY_STYLE, HARMONY_TOKENS, QWEN3_STYLE, R1_STYLE, THINK_TOKENS, write_variant
 from openai import OpenAI
 
 from gallama_kernel.testing import RunningServer
@@ -35,9 +35,12 @@ def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runni
     folder = tmp_path_factory.mktemp("reasoning-models")
     qwen3 = write_variant(folder / "smol-qwen3.gguf", QWEN3_STYLE, THINK_TOKENS)
     r1 = write_variant(folder / "smol-r1.gguf", R1_STYLE, THINK_TOKENS)
+    harmony = write_variant(folder / "smol-harmony.gguf", HARMONY_STYLE, HARMONY_TOKENS)
     running = RunningServer(tmp_path_factory.mktemp("gallama-reasoning-home"),
                             "-id", f"model_id={qwen3} model_name=qwen3-style max_concurrent_requests=4",
-                            "-id", f"model_id={r1} model_name=r1-style max_concurrent_requests=2", timeout=240)
+                            "-id", f"model_id={r1} model_name=r1-style max_concurrent_requests=2",
+                            "-id", f"model_id={harmony} model_name=harmony-style max_concurrent_requests=2",
+                            timeout=240)
     try:
         yield running
     finally:
@@ -197,3 +200,44 @@ def test_responses_reasoning_effort_is_the_models_reasoning_effort(reasoner: Ope
                                          reasoning={"effort": "none"})
     assert all(item.type != "reasoning" for item in response.output)
     assert response.usage.output_tokens_details.reasoning_tokens == 0
+
+
+HARMONY_MARKERS = ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|constrain|>")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_harmony_reasoning_answers_and_calls_come_apart(reasoner: OpenAI, stream: bool) -> None:
+    """gpt-oss style: the analysis channel is the reasoning, the final channel the answer, commentary the calls;
+    no channel header reaches the client."""
+    def ask(**body: object) -> tuple[str, str, list[tuple[str, str]], int]:
+        request = {"model": "harmony-style", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                   "max_tokens": 80, "temperature": 0, "extra_body": {"reasoning_budget": 12}, **body}
+        if not stream:
+            response = reasoner.chat.completions.create(**request)
+            message = response.choices[0].message
+            calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+            return reasoning_of(message) or "", message.content or "", calls, reasoning_tokens(response.usage)
+        reasoning, content, pieces = "", "", {}
+        for chunk in reasoner.chat.completions.create(**request, stream=True):
+            if chunk.choices:
+                delta = chunk.choices[0].delta
+                reasoning += reasoning_of(delta) or ""
+                content += delta.content or ""
+                for part in delta.tool_calls or []:
+                    name, arguments = pieces.get(part.index, ("", ""))
+                    pieces[part.index] = (name + (part.function.name or ""),
+                                          arguments + (part.function.arguments or ""))
+        return reasoning, content, [pieces[i] for i in sorted(pieces)], 1 if reasoning else 0
+
+    for body in ({}, {"tools": [WEATHER]}, {"response_format": {"type": "json_object"}}):
+        reasoning, content, calls, used = ask(**body)
+        assert reasoning and used
+        for marker in HARMONY_MARKERS:
+            assert marker not in reasoning + content
+        if "response_format" in body:
+            assert isinstance(json.loads(content), dict)
+    reasoning, content, calls, _ = ask(tools=[WEATHER], tool_choice="required")
+    assert reasoning and len(calls) == 1 and calls[0][0] == "get_weather"
+    jsonschema.validate(json.loads(calls[0][1]), WEATHER["function"]["parameters"])
+    reasoning, content, calls, used = ask(reasoning_effort="none", extra_body={})
+    assert not reasoning and not used

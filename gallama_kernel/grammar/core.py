@@ -267,6 +267,22 @@ class GrammarBuilder:
             self.special[name] = text
         return name
 
+    def spelled(self, text: str, specials: tuple[str, ...] = ()) -> str:
+        """An expansion for the literal ``text`` in which each of ``specials`` it holds is a
+        :meth:`special_token` (a marker the model's vocabulary may have as one token)."""
+        if not specials:
+            return literal(text)
+        parts: list[str] = []
+        at = 0
+        for found in re.finditer("|".join(re.escape(special) for special in specials), text):
+            if found.start() > at:
+                parts.append(literal(text[at:found.start()]))
+            parts.append(self.special_token(found.group()))
+            at = found.end()
+        if at < len(text) or not parts:
+            parts.append(literal(text[at:]))
+        return " ".join(parts)
+
     def text_until(self, marker: str, hint: str = "free_text") -> str:
         """A rule for free text up to and including the first ``marker``."""
         name = self.fresh(hint)

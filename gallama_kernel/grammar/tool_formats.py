@@ -105,6 +105,7 @@ from .tools import (
     CALL_SEPARATOR,
     CALL_TAIL,
     EMPTY_PARAMETERS,
+    MARKERS,
     ParsedCall,
     ToolSpec,
     add_tool_calls,
@@ -114,12 +115,15 @@ from .tools import (
 
 __all__ = [
     "FORMATS",
+    "HARMONY",
     "HERMES",
     "HERMES_LINES",
     "LLAMA3_JSON",
     "MISTRAL",
     "QWEN3_CODER",
     "Delta",
+    "HarmonyFormat",
+    "HarmonyReader",
     "HermesFormat",
     "HermesLinesFormat",
     "JsonCallFormat",
@@ -279,12 +283,8 @@ class ToolCallReader(ABC):
             deltas = self._content(end + len(self.after))
             self.mode = None if self.may_answer else "calls"
         if self.mode is None:
-            rest = self.text[self.position:]
-            if rest.startswith(self.opening):
-                self.mode = "calls"
-            elif not self.opening.startswith(rest):
-                self.mode = "text"
-            else:  # still a beginning of the opening: either may follow
+            self.mode = self._decide(self.text[self.position:])
+            if self.mode is None:  # still a beginning of the opening: either may follow
                 return deltas
         if self.mode == "text":
             return deltas + self._content(len(self.text))
@@ -304,6 +304,13 @@ class ToolCallReader(ABC):
             return True
         return (self.mode == "calls" and self._name is None and self.position == len(self.text)
                 and self._may_end())
+
+    def _decide(self, rest: str) -> str | None:
+        """``"calls"`` or ``"text"`` for an output that starts with ``rest``, or ``None`` while either may follow
+        (a format may consume a header of a plain answer here by moving ``position``)."""
+        if rest.startswith(self.opening):
+            return "calls"
+        return None if self.opening.startswith(rest) else "text"
 
     @abstractmethod
     def _advance(self) -> list[Delta]:
@@ -349,6 +356,9 @@ class ToolFormat(ABC):
     (:meth:`~.core.GrammarBuilder.special_token`), and the engine renders them as their text."""
     parallel_calls: bool = True
     """Whether one message may hold several calls."""
+    answer_opening: str = ""
+    """What a plain answer starts with under ``auto`` (harmony's final-channel header); readers leave it out of
+    ``content``."""
 
     @abstractmethod
     def add_calls(self, builder: GrammarBuilder, tools: Sequence[ToolSpec], *, only: str | None = None,
@@ -502,8 +512,9 @@ class JsonCallFormat(ToolFormat):
             if only not in (None, tool.name):
                 continue
             arguments = JsonSchemaCompiler(builder, param=f"tools[{i}].function.parameters").compile(_parameters(tool))
+            head = builder.spelled(layout.head(tool.name), self.special_texts)
             rules.append(builder.rule(f"tool_call_{i}",
-                                      f"{literal(layout.head(tool.name))} {arguments} {literal(layout.tail)}"))
+                                      f"{head} {arguments} {builder.spelled(layout.tail, self.special_texts)}"))
         one = builder.rule("one_tool_call", " | ".join(rules))
         many = parallel and not layout.single
         if not many:
@@ -512,14 +523,7 @@ class JsonCallFormat(ToolFormat):
             calls = f"{one} ({literal(layout.separator)} {one})*"
         else:
             calls = f"{one}+"
-        parts = []
-        prefix = layout.prefix
-        for special in self.special_texts:  # a control token of the model's vocabulary, where it has one
-            if prefix.startswith(special):
-                parts.append(builder.special_token(special))
-                prefix = prefix[len(special):]
-        if prefix:
-            parts.append(literal(prefix))
+        parts = [builder.spelled(layout.prefix, self.special_texts)] if layout.prefix else []
         parts.append(calls)
         if layout.suffix:
             parts.append(literal(layout.suffix))
@@ -544,6 +548,7 @@ class HermesFormat(JsonCallFormat):
 
     name = "hermes"
     opening = CALL_OPEN
+    special_texts = MARKERS
     # call_head writes the name with json.dumps (ASCII escapes); the reader decodes any JSON string alike
     layout = JsonLayout(prefix="", head_start=CALL_OPEN + '{"name":', head_end=',"arguments":', tail=CALL_TAIL,
                         separator=CALL_SEPARATOR)
@@ -570,6 +575,7 @@ class HermesLinesFormat(JsonCallFormat):
 
     name = "hermes_lines"
     opening = CALL_OPEN
+    special_texts = MARKERS
     layout = JsonLayout(prefix="", head_start=CALL_OPEN + '\n{"name":', head_end=',"arguments":',
                         tail="}\n" + CALL_CLOSE, separator="\n")
 
@@ -738,6 +744,7 @@ class Qwen3CoderFormat(ToolFormat):
 
     name = "qwen3_coder"
     opening = QWEN_OPEN
+    special_texts = MARKERS
 
     def add_calls(self, builder: GrammarBuilder, tools: Sequence[ToolSpec], *, only: str | None = None,
                   parallel: bool = True) -> str:
@@ -754,7 +761,8 @@ class Qwen3CoderFormat(ToolFormat):
             # the whole schema through the JSON compiler first: its errors name the exact place in the schema
             JsonSchemaCompiler(GrammarBuilder(), param=param).compile(schema)
             body = self._parameters(builder, schema, param)
-            head, tail = literal(f"{QWEN_FUNCTION}{tool.name}>\n"), literal(QWEN_TAIL)
+            head = builder.spelled(f"{QWEN_FUNCTION}{tool.name}>\n", self.special_texts)
+            tail = builder.spelled(QWEN_TAIL, self.special_texts)
             rules.append(builder.rule(f"tool_call_{i}", f"{head} {body} {tail}" if body else f"{head} {tail}"))
         one = builder.rule("one_tool_call", " | ".join(rules))
         if not parallel:
@@ -976,11 +984,123 @@ LLAMA3_JSON = Llama3JsonFormat()
 MISTRAL = MistralFormat()
 QWEN3_CODER = Qwen3CoderFormat()
 
+
+# -- harmony ------------------------------------------------------------------------------------------------
+
+HARMONY_CHANNEL = "<|channel|>"
+HARMONY_MESSAGE = "<|message|>"
+HARMONY_CONSTRAIN = "<|constrain|>"
+HARMONY_CALL = "commentary to=functions."
+HARMONY_FINAL = HARMONY_CHANNEL + "final" + HARMONY_MESSAGE
+HARMONY_ARGUMENTS = " " + HARMONY_CONSTRAIN + "json" + HARMONY_MESSAGE
+
+
+class HarmonyFormat(ToolFormat):
+    """gpt-oss's harmony messages: a call is ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>``
+    then its JSON arguments, after which the model ends its message with ``<|call|>`` (an end-of-generation
+    token); a plain answer is ``<|channel|>final<|message|>`` then the text. One call per message. The markers
+    are written as the vocabulary's control tokens where they are ones (llama.cpp shows ``<|channel|>``,
+    ``<|message|>`` and ``<|constrain|>`` as text anyway). The reader drops the final channel's header from
+    ``content``."""
+
+    name = "harmony"
+    opening = HARMONY_CHANNEL + HARMONY_CALL
+    special_texts = (HARMONY_CHANNEL, HARMONY_MESSAGE, HARMONY_CONSTRAIN)
+    parallel_calls = False
+    answer_opening = HARMONY_FINAL
+
+    def add_calls(self, builder: GrammarBuilder, tools: Sequence[ToolSpec], *, only: str | None = None,
+                  parallel: bool = True) -> str:
+        _check_only(tools, only)
+        channel, message = builder.special_token(HARMONY_CHANNEL), builder.special_token(HARMONY_MESSAGE)
+        constrain = builder.special_token(HARMONY_CONSTRAIN)
+        rules = []
+        for i, tool in enumerate(tools):
+            if only not in (None, tool.name):
+                continue
+            if " " in tool.name or "<" in tool.name:
+                raise GrammarError(f"The function name {tool.name!r} cannot be written in a harmony header.",
+                                   param=f"tools[{i}].function.name")
+            arguments = JsonSchemaCompiler(builder, param=f"tools[{i}].function.parameters").compile(_parameters(tool))
+            head = literal(f"{HARMONY_CALL}{tool.name} ")
+            rules.append(builder.rule(f"tool_call_{i}",
+                                      f'{channel} {head} {constrain} {literal("json")} {message} {arguments}'))
+        return builder.rule("one_tool_call", " | ".join(rules))
+
+    def grammar(self, tools: Sequence[ToolSpec], choice: str, *, parallel: bool = True,
+                alternative: str | None = None, builder: GrammarBuilder | None = None) -> tuple[GrammarBuilder, str]:
+        if choice != "auto":
+            return super().grammar(tools, choice, parallel=False, alternative=alternative, builder=builder)
+        _check_choice(tools, choice)
+        builder = builder or GrammarBuilder()
+        calls = self.add_calls(builder, tools)
+        final = f'{builder.special_token(HARMONY_CHANNEL)} {literal("final")} {builder.special_token(HARMONY_MESSAGE)}'
+        answer = f"({alternative})" if alternative is not None else \
+            "[" + builder.terminal("text", r"(.|\n)+", key=("harmony", "text")) + "]"
+        return builder, f"{calls} | {final} {answer}"
+
+    def render_calls(self, calls: Sequence[tuple[str, str]]) -> str:
+        if len(calls) > 1:
+            raise ValueError(f"The harmony format holds one call per message, not {len(calls)}.")
+        return "".join(f"{HARMONY_CHANNEL}{HARMONY_CALL}{name}{HARMONY_ARGUMENTS}{_compact_arguments(arguments)}"
+                       for name, arguments in calls)
+
+    def reader(self, tools: Sequence[ToolSpec], *, may_answer: bool, after: str | None = None) -> HarmonyReader:
+        return HarmonyReader(self.opening, may_answer=may_answer, after=after)
+
+    def detect(self, template_source: str) -> bool:
+        return HARMONY_CHANNEL in template_source and "functions." in template_source
+
+
+class HarmonyReader(ToolCallReader):
+    """Stream reader of :class:`HarmonyFormat`: a final-channel answer without its header, or one call."""
+
+    def __init__(self, opening: str, *, may_answer: bool, after: str | None = None) -> None:
+        super().__init__(opening, may_answer=may_answer, after=after)
+        self._state = "head"
+        self._scanner = _JsonEnd(0)
+
+    def _decide(self, rest: str) -> str | None:
+        if rest.startswith(HARMONY_FINAL):
+            self.position += len(HARMONY_FINAL)
+            return "text"
+        if HARMONY_FINAL.startswith(rest):
+            return None
+        return super()._decide(rest)
+
+    def _may_end(self) -> bool:
+        return self._state == "done"
+
+    def _advance(self) -> list[Delta]:
+        deltas: list[Delta] = []
+        if self._state == "head":
+            start = self.position + len(self.opening)
+            end = self.text.find(HARMONY_ARGUMENTS, start)
+            if end < 0:
+                return deltas
+            deltas.append(self._open_call(self.text[start:end]))
+            self.position = end + len(HARMONY_ARGUMENTS)
+            self._scanner = _JsonEnd(self.position)
+            self._state = "arguments"
+        if self._state == "arguments":
+            end = self._scanner.scan(self.text)
+            stop = len(self.text) if end is None else end
+            if stop > self.position:
+                deltas.append(self._arguments(self.text[self.position:stop]))
+                self.position = stop
+            if end is not None:
+                self._close_call()
+                self._state = "done"
+        return deltas
+
+
+HARMONY = HarmonyFormat()
+
 FORMATS: dict[str, ToolFormat] = {fmt.name: fmt for fmt in (HERMES, HERMES_LINES, LLAMA3_JSON, MISTRAL,
-                                                              QWEN3_CODER)}
+                                                              QWEN3_CODER, HARMONY)}
 """Every format by name."""
 
-DETECTION_ORDER: tuple[ToolFormat, ...] = (MISTRAL, QWEN3_CODER, HERMES_LINES, HERMES, LLAMA3_JSON)
+DETECTION_ORDER: tuple[ToolFormat, ...] = (HARMONY, MISTRAL, QWEN3_CODER, HERMES_LINES, HERMES, LLAMA3_JSON)
 """Most specific first: Qwen3-Coder templates also hold ``<tool_call>``; a template that shows an explicit
 ``<tool_call>`` syntax is taken at its word before the looser signs of Llama's JSON calls."""
 

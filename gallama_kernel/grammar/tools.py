@@ -24,6 +24,9 @@ from .json_schema import JsonSchemaCompiler
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 CALL_SEPARATOR = ""
+MARKERS = (CALL_OPEN, CALL_CLOSE)
+"""Written as the vocabulary's tokens where it has them (Qwen's ``<tool_call>``): an engine's grammar matcher
+reads such a token apart from text, so a model trained to write it writes that token, not its characters."""
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 """A function without ``parameters`` takes none: its arguments are ``{}``."""
 
@@ -65,7 +68,8 @@ def add_tool_calls(builder: GrammarBuilder, tools: list[ToolSpec], *, only: str 
         parameters = EMPTY_PARAMETERS if tool.parameters in (None, {}) else tool.parameters
         compiler = JsonSchemaCompiler(builder, param=f"tools[{i}].function.parameters")
         arguments = compiler.compile(parameters)
-        builder.define(name, f"{literal(call_head(tool.name))} {arguments} {literal(CALL_TAIL)}")
+        head, tail = builder.spelled(call_head(tool.name), MARKERS), builder.spelled(CALL_TAIL, MARKERS)
+        builder.define(name, f"{head} {arguments} {tail}")
     one = builder.rule("one_tool_call", " | ".join(rules.values()))
     if not parallel:
         return one

@@ -39,7 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..grammar.core import GrammarBuilder
 from ..protocol.errors import InvalidRequest
+from .constraints import Constraint
 from .plan import GenerationPass, RequestPlan
 
 if TYPE_CHECKING:
@@ -69,10 +71,24 @@ State = Literal["open", "closed", "none"]
 
 @dataclass(frozen=True)
 class ReasoningSyntax:
-    """How a model marks its reasoning: it reasons between :attr:`start` and :attr:`end`."""
+    """How a model marks its reasoning: it reasons between :attr:`start` and :attr:`end`.
+
+    :param lead: what follows the start marker the kernel writes itself (``<think>`` then a newline)
+    :param blank: what an empty reasoning block holds between its markers
+    :param after: what follows the end marker before the answer
+    :param answer: what opens a plain answer after the reasoning (harmony's final channel); a tool format that
+        writes its own channel headers does without it
+    :param token_end: the end marker is a control token: the reasoning pass ends with it under a grammar that
+        writes it as that token (see :meth:`~gallama_kernel.grammar.core.GrammarBuilder.special_token`)
+    """
 
     start: str
     end: str
+    lead: str = "\n"
+    blank: str = "\n\n"
+    after: str = "\n\n"
+    answer: str = ""
+    token_end: bool = False
 
     def state(self, text: str) -> State:
         """Where a turn that opens with ``text`` stands (see the module docstring)."""
@@ -82,12 +98,21 @@ class ReasoningSyntax:
         return "closed" if end >= 0 else "none"
 
 
+HARMONY = ReasoningSyntax("<|channel|>analysis<|message|>", "<|end|>", lead="", blank="",
+                          after="<|start|>assistant", answer="<|channel|>final<|message|>", token_end=True)
+"""gpt-oss's harmony format: reasoning in the ``analysis`` channel, ended by ``<|end|>`` (a control token), the
+answer in a new message on the ``final`` channel (tool calls on ``commentary``: see the ``harmony`` tool format).
+Recognised from a template that writes ``<|channel|>`` and ``<|message|>``, or the key ``reasoning=harmony``."""
+
+
 def parse_setting(value: str | None) -> ReasoningSyntax | Literal["auto"] | None:
-    """The model key ``reasoning``: ``auto`` (or unset), ``none``, or ``START,END``."""
+    """The model key ``reasoning``: ``auto`` (or unset), ``none``, ``harmony``, or ``START,END``."""
     if value is None or value.strip().lower() == "auto":
         return "auto"
     if value.strip().lower() == "none":
         return None
+    if value.strip().lower() == "harmony":
+        return HARMONY
     start, comma, end = value.partition(",")
     if not comma or not start.strip() or not end.strip() or start.strip() == end.strip():
         raise ValueError(f"reasoning={value!r}: give 'auto', 'none', or the two markers as START,END "
@@ -102,6 +127,8 @@ def detect(template: str | None, setting: str | None = None) -> ReasoningSyntax 
         return chosen
     if not template:
         return None
+    if "<|channel|>" in template and "<|message|>" in template:
+        return HARMONY
     for start, end in KNOWN_MARKERS:
         if start in template and end in template:
             return ReasoningSyntax(start, end)
@@ -192,25 +219,42 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
     state = syntax.state(generation_prompt(renderer, plan.messages, variables) + plan.leading_prompt)
     if state == "closed" or (state == "none" and plan.leading_prompt):
         return False
+    calls_format_answer = plan.constraint is not None and plan.constraint.kind == "tools"
+    answer = "" if calls_format_answer else syntax.answer  # a tool format writes its own channel headers
     if not on:  # an empty block: the answer starts at once
         opening = "" if state == "open" else syntax.start
-        plan.continuation.append((f"{opening}\n\n{syntax.end}\n\n", True))
+        plan.continuation.append((f"{opening}{syntax.blank}{syntax.end}{syntax.after}{answer}", True))
         return False
-    opening = syntax.start + "\n" if state == "none" else ""
+    opening = syntax.start + syntax.lead if state == "none" else ""
     pass_ = GenerationPass(opening=opening, stop=[syntax.end], max_tokens=asked.tokens,
+                           constraint=_token_end(syntax) if syntax.token_end else None,
                            show_as="reasoning_content" if asked.include else "hidden",
-                           show_opening=False, shares_max_tokens=True, reasoning=True, done=_closer(syntax, opening))
+                           show_opening=False, shares_max_tokens=True, reasoning=True,
+                           done=_closer(syntax, opening, answer))
     plan.passes.insert(0, pass_)  # before the plugins' passes (an artifact plan is made after the reasoning)
     return True
 
 
-def _closer(syntax: ReasoningSyntax, opening: str) -> Callable[[RequestPlan, str], None]:
+def _token_end(syntax: ReasoningSyntax) -> Constraint:
+    """Free text ended by the end marker written as its control token (which the engine then shows as text,
+    where the pass's stop string ends it)."""
+
+    def build(builder: GrammarBuilder) -> str:
+        text = builder.terminal("reasoning_text", r"(.|\n)+")
+        return f"[{text}] {builder.special_token(syntax.end)}"
+
+    return Constraint.custom(f"reasoning-until-token:{syntax.end}", build, f"reasoning ended by {syntax.end}",
+                             param="messages")
+
+
+def _closer(syntax: ReasoningSyntax, opening: str, answer: str) -> Callable[[RequestPlan, str], None]:
     def done(plan: RequestPlan, text: str) -> None:
         """The pass's opening, the reasoning as the model wrote it, then the end marker (written here whatever
-        ended the pass)."""
+        ended the pass), and what opens the answer."""
         if opening:
             plan.continuation.append((opening, True))
         if text:
             plan.continuation.append((text, False))
-        plan.continuation.append((("" if not text or text.endswith("\n") else "\n") + syntax.end + "\n\n", True))
+        newline = "\n" if syntax.blank and text and not text.endswith("\n") else ""
+        plan.continuation.append((newline + syntax.end + syntax.after + answer, True))
     return done

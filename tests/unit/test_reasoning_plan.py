@@ -7,6 +7,7 @@ import pytest
 from gallama_kernel.pipeline.plan import GenerationPass, RequestPlan
 from gallama_kernel.pipeline.prompt import PromptRenderer
 from gallama_kernel.pipeline.reasoning import (
+    HARMONY,
     ReasoningRequest,
     ReasoningSyntax,
     answer_reserve,
@@ -38,6 +39,7 @@ def test_the_syntax_comes_from_the_template_or_the_model_key() -> None:
     assert detect(MAY, "none") is None
     assert detect(None, "<|think|>,<|/think|>") == ReasoningSyntax("<|think|>", "<|/think|>")
     assert parse_setting("AUTO") == "auto"
+    assert detect("<|start|>assistant<|channel|>final<|message|>") == HARMONY == detect(None, "harmony")
     for bad in ("<think>", "<think>,", ",</think>", "<t>,<t>"):
         with pytest.raises(ValueError, match="START,END"):
             parse_setting(bad)
@@ -133,3 +135,21 @@ def test_the_reasoning_runs_before_a_plugins_other_passes_and_stays_before_their
     assert plan.leading_prompt == ""
     assert plan.continuation == [("<think>\n", True), ("why\n", False), ("</think>\n\n", True),
                                  ("<plan>steps</plan>\n", False)]
+
+
+def test_harmony_reasons_on_the_analysis_channel_and_answers_on_final() -> None:
+    template = "{% for m in messages %}<|start|>{{ m.role }}<|channel|>final<|message|>{{ m.content }}<|end|>" \
+               "{% endfor %}" \
+               "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+    plan, added = plan_for(template)
+    assert added
+    (reasoning,) = plan.passes
+    assert reasoning.opening == "<|channel|>analysis<|message|>" and reasoning.stop == ["<|end|>"]
+    assert reasoning.constraint is not None  # the end marker may be a control token: a grammar writes it
+    assert reasoning.done is not None
+    reasoning.done(plan, "why")
+    assert plan.continuation == [("<|channel|>analysis<|message|>", True), ("why", False),
+                                 ("<|end|><|start|>assistant<|channel|>final<|message|>", True)]
+    plan, added = plan_for(template, ReasoningRequest(effort="none"))
+    assert plan.continuation == [("<|channel|>analysis<|message|><|end|><|start|>assistant"
+                                  "<|channel|>final<|message|>", True)]

@@ -149,6 +149,8 @@ GOLDEN = {
     "hermes_lines": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius","days":3}}\n'
                     '</tool_call>\n<tool_call>\n{"name":"now","arguments":{}}\n</tool_call>',
     "llama3_json": '{"name":"get_weather","parameters":{"city":"Paris","unit":"celsius","days":3}}',
+    "harmony": '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+               '{"city":"Paris","unit":"celsius","days":3}',
     "mistral": '[TOOL_CALLS][{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius","days":3}},'
                '{"name":"now","arguments":{}}]',
     "qwen3_coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
@@ -283,6 +285,10 @@ SYNTAX_ERRORS = {
     "hermes_lines": ['<tool_call>{"name":"now","arguments":{}}</tool_call>',
                      '<tool_call>\n{"name":"now","arguments":{}}\n</tool_call><tool_call>\n{"name":"now",'
                      '"arguments":{}}\n</tool_call>', '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'],
+    "harmony": ['<|channel|>commentary to=functions.now<|constrain|>json<|message|>{}',
+                '<|channel|>commentary to=functions.now <|constrain|>json<|message|>{} ',
+                '<|channel|>commentary to=now <|constrain|>json<|message|>{}',
+                '<|channel|>analysis<|message|>{}'],
     "llama3_json": ['{"name": "now", "parameters": {}}', '{"name":"now","arguments":{}}',
                     '<|python_tag|>{"name":"now","parameters":{}}', '{"parameters":{},"name":"now"}'],
     "mistral": ['[TOOL_CALLS] [{"name":"now","arguments":{}}]', '[TOOL_CALLS]{"name":"now","arguments":{}}',
@@ -309,8 +315,9 @@ def test_grammar_refuses_malformed_calls(fmt: ToolFormat) -> None:
     for text in SYNTAX_ERRORS[fmt.name]:
         assert not required.matches(text), text
         # under auto, text that does not start with the opening is a plain answer, never a call
-        assert auto.matches(text) == (not text.startswith(fmt.opening)), text
-        if not text.startswith(fmt.opening):
+        plain = text.startswith(fmt.answer_opening) and not text.startswith(fmt.opening)
+        assert auto.matches(text) == plain, text
+        if plain:
             assert fmt.read(text, TOOLS) == []
     good = render(fmt, CALL_SETS[0])
     for text in ("Sure! " + good, " " + good, "\n" + good, good + "\n", good + " Done.", "Hello", ""):
@@ -350,12 +357,13 @@ PLAIN_ANSWERS = ["Hello there", "", "I'd call <tool_call> later", '{"answer": 1}
 def test_auto_takes_plain_answers_as_content(fmt: ToolFormat) -> None:
     grammar = fmt.build(TOOLS, "auto")
     answers = [*PLAIN_ANSWERS, fmt.opening[:-1], fmt.opening[:1]]
-    for text in answers:
+    for answer in answers:
+        text = fmt.answer_opening + answer  # harmony's answers open the final channel: not content
         assert grammar.matches(text), text
         assert fmt.read(text, TOOLS) == []
         for cut in range(len(text) + 1):
             reader, message, _ = stream(fmt, [text[:cut], text[cut:]], may_answer=True)
-            assert message["content"] == text
+            assert message["content"] == answer
             assert "tool_calls" not in message
             assert reader.complete and reader.calls == []
 
@@ -533,6 +541,8 @@ message['content'] + ' [/INST]' }}{%- else %}{{- message['content'] + eos_token 
     (LLAMA32_LIKE_TEMPLATE, "llama3_json"),
     (MISTRAL_V3_TEMPLATE, "mistral"),
     (QWEN3_CODER_TEMPLATE, "qwen3_coder"),
+    ("{{- '<|start|>assistant<|channel|>commentary to=functions.' + call.name + ' <|constrain|>json<|message|>' }}",
+     "harmony"),
     (MISTRAL_ARGS_TEMPLATE, None),
     (CHATML_TEMPLATE, None),
     (LLAMA3_NO_TOOLS_TEMPLATE, None),
@@ -566,9 +576,13 @@ def test_special_texts_name_the_control_tokens_a_format_writes() -> None:
     assert MISTRAL.special_texts == ("[TOOL_CALLS]",)
     assert render(MISTRAL, CALL_SETS[0]).startswith(MISTRAL.special_texts[0])
     assert MISTRAL.opening == "[TOOL_CALLS]"
-    for fmt in (HERMES, LLAMA3_JSON, QWEN3_CODER):
-        assert fmt.special_texts == ()
-    assert set(FORMATS) == {"hermes", "hermes_lines", "llama3_json", "mistral", "qwen3_coder"}
+    for fmt in (HERMES, QWEN3_CODER):  # Qwen's vocabularies have <tool_call> and </tool_call> as tokens
+        assert fmt.special_texts == ("<tool_call>", "</tool_call>")
+    assert LLAMA3_JSON.special_texts == ()
+    for fmt in FORMATS.values():  # each special text becomes a grammar rule a vocabulary may map to its token
+        grammar = fmt.build(TOOLS, "required")
+        assert {text for _, text in grammar.special} == set(fmt.special_texts)
+    assert set(FORMATS) == {"hermes", "hermes_lines", "llama3_json", "mistral", "qwen3_coder", "harmony"}
     assert all(FORMATS[name].name == name for name in FORMATS)
 
 
@@ -720,6 +734,6 @@ def test_llguidance_enforces_each_format(tokenizer: Any, fmt: ToolFormat) -> Non
         assert not accepts(grammars["auto"], render(fmt, [call]))
     for text in SYNTAX_ERRORS[fmt.name]:
         assert not accepts(grammars["required"], text), text
-    assert accepts(grammars["auto"], "Hello there")
+    assert accepts(grammars["auto"], fmt.answer_opening + "Hello there")
     assert not accepts(grammars["auto"], fmt.opening + " oops")
     assert not accepts(grammars["now"], render(fmt, CALL_SETS[0]))

@@ -161,11 +161,11 @@ class LlamaModel:
         return cached
 
     def special_token(self, text: str) -> int | None:
-        """The control token whose text is ``text`` (Mistral's ``[TOOL_CALLS]``), or ``None`` (a token that
-        renders as its text, such as a user-defined ``<tool_call>``, is text to a grammar already)."""
+        """The control or user-defined token whose text is ``text`` (Mistral's ``[TOOL_CALLS]``, gpt-oss's
+        ``<|channel|>``), or ``None``. llguidance reads such tokens apart from text, so a grammar names them."""
         with self.in_use():
             tokens = self._tokenize(text.encode("utf-8"), False, parse_special=True)
-            if len(tokens) == 1 and self._render(tokens[0], special=False) != text.encode("utf-8"):
+            if len(tokens) == 1 and ll.llama_vocab_get_attr(self.vocab, tokens[0]) & _SPLITTING:
                 return tokens[0]
         return None
 
