@@ -35,6 +35,7 @@ block closed by the kernel, so the model answers at once and nothing it writes i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -217,6 +218,7 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
     if asked.effort is not None:
         variables.setdefault("reasoning_effort", asked.effort)
     state = syntax.state(generation_prompt(renderer, plan.messages, variables) + plan.leading_prompt)
+    _trust_markers(syntax, plan)
     if state == "closed" or (state == "none" and plan.leading_prompt):
         return False
     calls_format_answer = plan.constraint is not None and plan.constraint.kind == "tools"
@@ -233,6 +235,19 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
                            done=_closer(syntax, opening, answer))
     plan.passes.insert(0, pass_)  # before the plugins' passes (an artifact plan is made after the reasoning)
     return True
+
+
+def _trust_markers(syntax: ReasoningSyntax, plan: RequestPlan) -> None:
+    """The reasoning markers in a ``leading_prompt`` (the client's own opening of the assistant turn) are the
+    model's markers, not their characters: the prompt continues with the leading prompt cut at them, markers
+    trusted. Every other text of the client stays plain text."""
+    text = plan.leading_prompt
+    if syntax.start not in text and syntax.end not in text:
+        return
+    pattern = re.compile(f"({re.escape(syntax.start)}|{re.escape(syntax.end)})")
+    pieces = [(part, index % 2 == 1) for index, part in enumerate(pattern.split(text)) if part]
+    plan.continuation[:0] = pieces
+    plan.leading_prompt = ""
 
 
 def _token_end(syntax: ReasoningSyntax) -> Constraint:

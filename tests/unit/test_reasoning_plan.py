@@ -98,10 +98,12 @@ def test_reasoning_off_where_the_template_closes_the_block_itself_adds_nothing()
 def test_a_leading_prompt_decides_where_the_turn_stands() -> None:
     plan, added = plan_for(MAY, leading="<think>\nI know")
     assert added and plan.passes[0].opening == ""
+    # the client's own markers are the model's markers; the rest of its text stays plain text
+    assert (plan.leading_prompt, plan.continuation) == ("", [("<think>", True), ("\nI know", False)])
     plan, added = plan_for(MAY, leading="The answer is")  # the client opened the answer
-    assert not added and not plan.continuation
+    assert not added and not plan.continuation and plan.leading_prompt == "The answer is"
     plan, added = plan_for(MAY, leading="<think>done</think>")
-    assert not added and not plan.continuation
+    assert not added and plan.continuation == [("<think>", True), ("done", False), ("</think>", True)]
 
 
 def test_reasoning_asked_of_a_model_without_it_is_refused_and_none_is_accepted() -> None:

@@ -77,7 +77,10 @@ class LlamaModel:
         self.chat_template = raw.decode("utf-8", errors="replace") if raw else None
         self._cuts = self._cut_tokens()
         self._cut_at = re.compile(b"|".join(re.escape(text) for text, _ in self._cuts)) if self._cuts else None
-        self.control_texts = self._control_texts()
+        self._markers = self._marker_texts()
+        self._marker_at = re.compile(b"|".join(re.escape(t) for t in sorted(self._markers, key=len, reverse=True))) \
+            if self._markers else None
+        self.control_texts = self._control_texts() | {t.decode("utf-8", errors="replace") for t in self._markers}
         self._recent: deque[tuple[bytes, list[int]]] = deque(maxlen=RECENT_PROMPTS)
         self._recent_lock = threading.Lock()
 
@@ -138,6 +141,34 @@ class LlamaModel:
                 if text:
                     found.add(text)
         return frozenset(found)
+
+    def _marker_texts(self) -> frozenset[bytes]:
+        """Texts of user-defined tokens shaped like markup (``<think>``, ``<tool_call>``, gpt-oss's ``<|start|>``):
+        llama.cpp reads them as their tokens even in plain text, so client text holding them would write a role
+        or a call. They count as control texts, and plain text has them broken up (see :meth:`_plain`)."""
+        found = set()
+        for token in range(self.n_vocab):
+            attr = ll.llama_vocab_get_attr(self.vocab, token)
+            if attr & ll.LLAMA_TOKEN_ATTR_USER_DEFINED and not attr & ll.LLAMA_TOKEN_ATTR_CONTROL:
+                text = self._render(token, special=True)
+                if len(text) > 2 and text[:1] in (b"<", b"[") and text[-1:] in (b">", b"]"):
+                    found.add(text)
+        return frozenset(found)
+
+    def _plain(self, data: bytes, add_special: bool) -> list[int]:
+        """Tokens of ``data`` as plain text: control-token text is its characters (``parse_special`` off), and
+        so is a marker's (its first byte tokenized apart from the rest, which llama.cpp would otherwise read as
+        the marker's token)."""
+        if self._marker_at is None or self._marker_at.search(data) is None:
+            return self._tokenize(data, add_special, parse_special=False)
+        tokens: list[int] = []
+        at = 0
+        for found in self._marker_at.finditer(data):
+            tokens += self._tokenize(data[at:found.start()], add_special and not tokens, parse_special=False)
+            tokens += self._tokenize(found.group()[:1], False, parse_special=False)
+            tokens += self._plain(found.group()[1:], False)
+            at = found.end()
+        return tokens + self._tokenize(data[at:], False, parse_special=False)
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -250,15 +281,17 @@ class LlamaModel:
         tokens: list[int] = []
         with self.in_use():
             for text, control in pieces:
-                tokens += self._tokenize(text.encode("utf-8"), False, parse_special=control)
+                data = text.encode("utf-8")
+                tokens += self._tokenize(data, False, parse_special=True) if control else self._plain(data, False)
             bos = ll.llama_vocab_bos(self.vocab)
         starts_with_bos = bool(pieces) and pieces[0] == (self.bos_text, True)
         return [bos, *tokens] if add_special and self.add_bos and bos >= 0 and not starts_with_bos else tokens
 
     def tokenize_plain(self, text: str, add_special: bool) -> list[int]:
-        """Tokens of ``text`` read as plain text: control-token text (``<|im_start|>``) is its characters."""
+        """Tokens of ``text`` read as plain text: control-token and marker text (``<|im_start|>``, ``<think>``)
+        is its characters."""
         with self.in_use():
-            return self._tokenize(text.encode("utf-8"), add_special, parse_special=False)
+            return self._plain(text.encode("utf-8"), add_special)
 
     def _tokenize(self, data: bytes, add_special: bool, parse_special: bool = True) -> list[int]:
         capacity = len(data) + 8
