@@ -13,7 +13,10 @@ assistant's turn) and the request's ``leading_prompt`` tell where the model star
 * ``closed``: the last marker is the end marker (Qwen3's template with ``enable_thinking=false`` writes an empty
   ``<think></think>``): the reasoning is over, the model starts with its answer;
 * ``none``: no marker. Without a ``leading_prompt`` the kernel opens the reasoning itself (start marker and a
-  newline); a ``leading_prompt`` without markers opened the answer, and the model answers.
+  newline) when the template offers a switch for it (``enable_thinking``: Qwen3's hybrid models) or the request
+  asks for reasoning (``reasoning_effort``, ``reasoning_budget``); a template that only names the markers (to
+  drop earlier turns' reasoning, as instruct-only models' templates do) leaves the model answering. A
+  ``leading_prompt`` without markers opened the answer, and the model answers.
 
 **Think, then answer.** With reasoning on, the reasoning runs as a generation pass of its own before the answer
 (:class:`~.plan.GenerationPass`): free text, streamed as ``reasoning_content``, ended by the end marker (a stop
@@ -81,6 +84,7 @@ class ReasoningSyntax:
         writes its own channel headers does without it
     :param token_end: the end marker is a control token: the reasoning pass ends with it under a grammar that
         writes it as that token (see :meth:`~gallama_kernel.grammar.core.GrammarBuilder.special_token`)
+    :param always: the model reasons in every turn (harmony's analysis channel), whatever its template offers
     """
 
     start: str
@@ -90,6 +94,7 @@ class ReasoningSyntax:
     after: str = "\n\n"
     answer: str = ""
     token_end: bool = False
+    always: bool = False
 
     def state(self, text: str) -> State:
         """Where a turn that opens with ``text`` stands (see the module docstring)."""
@@ -100,7 +105,8 @@ class ReasoningSyntax:
 
 
 HARMONY = ReasoningSyntax("<|channel|>analysis<|message|>", "<|end|>", lead="", blank="",
-                          after="<|start|>assistant", answer="<|channel|>final<|message|>", token_end=True)
+                          after="<|start|>assistant", answer="<|channel|>final<|message|>", token_end=True,
+                          always=True)
 """gpt-oss's harmony format: reasoning in the ``analysis`` channel, ended by ``<|end|>`` (a control token), the
 answer in a new message on the ``final`` channel (tool calls on ``commentary``: see the ``harmony`` tool format).
 Recognised from a template that writes ``<|channel|>`` and ``<|message|>``, or the key ``reasoning=harmony``."""
@@ -221,6 +227,9 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
     _trust_markers(syntax, plan)
     if state == "closed" or (state == "none" and plan.leading_prompt):
         return False
+    offered = syntax.always or any(name in renderer.source for name in TEMPLATE_SWITCHES)
+    if state == "none" and asked.explicit is None and not offered:
+        return False  # neither opened by the template nor offered by a switch: the model reasons when asked to
     calls_format_answer = plan.constraint is not None and plan.constraint.kind == "tools"
     answer = "" if calls_format_answer else syntax.answer  # a tool format writes its own channel headers
     if not on:  # an empty block: the answer starts at once

@@ -155,3 +155,15 @@ def test_harmony_reasons_on_the_analysis_channel_and_answers_on_final() -> None:
     plan, added = plan_for(template, ReasoningRequest(effort="none"))
     assert plan.continuation == [("<|channel|>analysis<|message|><|end|><|start|>assistant"
                                   "<|channel|>final<|message|>", True)]
+
+
+def test_a_template_that_only_names_the_markers_reasons_when_asked() -> None:
+    """An instruct model's template that drops earlier reasoning (``split('</think>')``) but neither opens a
+    reasoning block nor offers a switch: the model answers, unless the request asks for reasoning."""
+    names_only = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>"
+                  "{{ m.reasoning_content }}</think>{% endif %}{{ m.content.split('</think>')[-1] }}<|im_end|>\n"
+                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    plan, added = plan_for(names_only)
+    assert not added and not plan.continuation
+    plan, added = plan_for(names_only, ReasoningRequest(effort="low"))
+    assert added and plan.passes[0].opening == "<think>\n"
