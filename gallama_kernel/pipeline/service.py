@@ -99,7 +99,8 @@ def check_chat_limits(request: ChatCompletionRequest) -> None:
     check_stops(request.stop_list)
     check_text({"messages": [m.model_dump(exclude_none=True) for m in request.messages],
                 "tools": [t.model_dump(exclude_none=True) for t in request.tools or []],
-                "leading_prompt": request.leading_prompt or "", "stop": request.stop_list})
+                "leading_prompt": request.leading_prompt or "", "stop": request.stop_list,
+                "chat_template_kwargs": request.chat_template_kwargs or {}})
 
 
 async def off_loop(work: Callable[[], T]) -> T:

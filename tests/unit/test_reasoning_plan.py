@@ -167,3 +167,15 @@ def test_a_template_that_only_names_the_markers_reasons_when_asked() -> None:
     assert not added and not plan.continuation
     plan, added = plan_for(names_only, ReasoningRequest(effort="low"))
     assert added and plan.passes[0].opening == "<think>\n"
+
+
+def test_template_kwargs_count_against_the_request_text_budget() -> None:
+    from gallama_kernel.pipeline.service import check_chat_limits
+    from gallama_kernel.protocol import limits
+    from gallama_kernel.protocol.openai import ChatCompletionRequest
+
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                    chat_template_kwargs={"notes": "x" * (limits.MAX_REQUEST_CHARS + 1)})
+    with pytest.raises(InvalidRequest) as raised:
+        check_chat_limits(request)
+    assert (raised.value.param or "").startswith("chat_template_kwargs")
