@@ -1,9 +1,10 @@
 """Models that reason natively: their reasoning span is recognised, budgeted, and kept out of the answer.
 
-**Recognition, per model.** A reasoning model's chat template writes its markers: Qwen3, QwQ and the
-DeepSeek-R1 distills write ``<think>`` … ``</think>``, other families one of :data:`KNOWN_MARKERS`. The first pair
-whose two markers both occur in the template's source is the model's syntax. The model key ``reasoning``
-overrides it: ``none`` (the model never reasons), ``auto`` (the default), or ``START,END`` (the two markers).
+**Recognition, per model.** A reasoning model's chat template writes its markers: gpt-oss's harmony channels
+(``<|channel|>`` and ``<|message|>``: :data:`HARMONY`), else Qwen3, QwQ and the DeepSeek-R1 distills write
+``<think>`` … ``</think>``, other families one of :data:`KNOWN_MARKERS`; the first pair whose two markers both
+occur in the template's source is the model's syntax. The model key ``reasoning`` overrides it: ``none`` (the
+model never reasons), ``auto`` (the default), ``harmony``, or ``START,END`` (the two markers).
 
 **Where the turn stands.** The generation prompt (what the template writes after the conversation to open the
 assistant's turn) and the request's ``leading_prompt`` tell where the model starts:
