@@ -93,11 +93,11 @@ class ModelSpec(BaseModel):
         "CPU compute threads (decode and prompt); default: a share of the cores, split among the busy workers."))
     aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
     reasoning: str | None = Field(default=None, description=(
-        "How the model marks its reasoning: auto (from its chat template; the default), none, or START,END "
-        "(e.g. <think>,</think>)."))
+        "How the model marks its reasoning: auto (from its chat template; the default), none, harmony, or "
+        "START,END (e.g. <think>,</think>)."))
     tool_format: str | None = Field(default=None, description=(
-        "How the model writes tool calls: auto (from its chat template; the default), hermes, llama3_json, "
-        "mistral or qwen3_coder."))
+        "How the model writes tool calls: auto (from its chat template; the default), hermes, hermes_lines, "
+        "llama3_json, mistral, qwen3_coder or harmony."))
     draft_model_id: str | None = Field(default=None, description="Draft model for speculative decoding "
                                        "(backends that cannot use one refuse it at load).")
     draft_model_name: str | None = Field(default=None, description="Label of the draft model in health and "
