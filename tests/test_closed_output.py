@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
+from chat_stream import stream_chat
 from openai import OpenAI
 
 SCHEMA = {"type": "object", "properties": {
@@ -38,23 +39,6 @@ def shortest(client: OpenAI, **body: Any) -> int:
     return int(found.group(1))
 
 
-def streamed(client: OpenAI, **body: Any) -> tuple[str, list[tuple[str, str]], str | None, bool, int]:
-    content, calls, finish, closed, tokens = "", {}, None, False, 0
-    for chunk in client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}):
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-        if not chunk.choices:
-            continue
-        choice = chunk.choices[0]
-        content += choice.delta.content or ""
-        for part in choice.delta.tool_calls or []:
-            name, arguments = calls.get(part.index, ("", ""))
-            calls[part.index] = (name + (part.function.name or ""), arguments + (part.function.arguments or ""))
-        finish = choice.finish_reason or finish
-        closed = closed or bool((choice.model_extra or {}).get("output_closed"))
-    return content, [calls[i] for i in sorted(calls)], finish, closed, tokens
-
-
 def test_a_json_answer_is_valid_at_every_max_tokens(client: OpenAI) -> None:
     least = shortest(client, response_format=FORMAT)
     closed = 0
@@ -67,9 +51,9 @@ def test_a_json_answer_is_valid_at_every_max_tokens(client: OpenAI) -> None:
         assert response.usage.completion_tokens <= budget
         assert (choice.finish_reason == "length") == bool((choice.model_extra or {}).get("output_closed"))
         closed += choice.finish_reason == "length"
-        content, _, finish, was_closed, tokens = streamed(client, **body)
-        jsonschema.validate(json.loads(content), SCHEMA)
-        assert tokens <= budget and (finish == "length") == was_closed
+        streamed = stream_chat(client, **body)
+        jsonschema.validate(json.loads(streamed.content), SCHEMA)
+        assert streamed.completion_tokens <= budget and (streamed.finish == "length") == streamed.closed
     assert closed  # small budgets were reached: the property was exercised
 
 
@@ -86,9 +70,10 @@ def test_tool_calls_are_valid_at_every_max_tokens(client: OpenAI) -> None:
         for call in choice.message.tool_calls:
             jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
         assert choice.finish_reason in ("tool_calls", "length") and response.usage.completion_tokens <= budget
-        _, calls, finish, _, tokens = streamed(client, **body)
-        assert calls and tokens <= budget and finish in ("tool_calls", "length")
-        for _, arguments in calls:
+        streamed = stream_chat(client, **body)
+        assert streamed.calls and streamed.completion_tokens <= budget
+        assert streamed.finish in ("tool_calls", "length")
+        for _, arguments in streamed.calls:
             jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from chat_stream import stream_chat
 from model_variants import (
     LLAMA3_STYLE,
     MISTRAL_STYLE,
@@ -70,20 +71,6 @@ def valid_calls(calls: list[Any]) -> None:
         assert call.id.startswith("call_") and call.type == "function"
 
 
-def streamed(client: OpenAI, **body: Any) -> tuple[str, list[tuple[str, str]], str | None]:
-    content, calls, finish = "", {}, None
-    for chunk in client.chat.completions.create(**body, stream=True):
-        if not chunk.choices:
-            continue
-        choice = chunk.choices[0]
-        content += choice.delta.content or ""
-        for part in choice.delta.tool_calls or []:
-            name, arguments = calls.get(part.index, ("", ""))
-            calls[part.index] = (name + (part.function.name or ""), arguments + (part.function.arguments or ""))
-        finish = choice.finish_reason or finish
-    return content, [calls[i] for i in sorted(calls)], finish
-
-
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}},
                                     {"type": "function", "function": {"name": "lookup"}}])
@@ -101,9 +88,9 @@ def test_each_model_calls_in_its_own_format_and_the_stream_matches(client: OpenA
     assert len(message.tool_calls) == 1
     if isinstance(choice, dict):
         assert message.tool_calls[0].function.name == choice["function"]["name"]
-    content, calls, finish = streamed(client, **body)
-    assert (content or None, finish) == (message.content, "tool_calls")
-    assert calls == [(c.function.name, c.function.arguments) for c in message.tool_calls]
+    streamed = stream_chat(client, **body)
+    assert (streamed.content or None, streamed.finish) == (message.content, "tool_calls")
+    assert streamed.calls == [(c.function.name, c.function.arguments) for c in message.tool_calls]
 
 
 @pytest.mark.parametrize("model", MODELS)
