@@ -19,6 +19,21 @@ from smollm2_vocab import GGUF
 USER_DEFINED = gguf.TokenType.USER_DEFINED
 CONTROL = gguf.TokenType.CONTROL
 
+_OTHER_TURNS = """\
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+"""
+"""The end of a ChatML conversation loop: every other turn as it is."""
+
+_GENERATION = """\
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}
+"""
+"""The assistant's opening, nothing more."""
+
 _CONVERSATION = """\
 {#- earlier turns' reasoning is left out: an assistant message keeps what follows </think> #}
 {%- for message in messages %}
@@ -34,12 +49,7 @@ _CONVERSATION = """\
 <tool_response>
 {{ message.content }}
 </tool_response><|im_end|>
-{% else %}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-"""
+""" + _OTHER_TURNS
 
 _TOOLS = """\
 {%- if tools %}
@@ -123,14 +133,7 @@ argument name and its value}.
 {% elif message.role == 'tool' %}
 <|im_start|>ipython
 {{ message.content }}<|im_end|>
-{% else %}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}
-"""
+""" + _OTHER_TURNS + _GENERATION
 """Llama 3.1 style: one JSON call, ``{"name": …, "parameters": …}``, results in an ``ipython`` turn."""
 
 MISTRAL_STYLE = """\
@@ -147,14 +150,7 @@ MISTRAL_STYLE = """\
 {% elif message.role == 'tool' %}
 <|im_start|>user
 [TOOL_RESULTS] {"content": {{ message.content | tojson }}}[/TOOL_RESULTS]<|im_end|>
-{% else %}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}
-"""
+""" + _OTHER_TURNS + _GENERATION
 """Mistral style: ``[TOOL_CALLS]`` (a control token) then an array of calls."""
 
 MISTRAL_TOKENS = {8: ("[TOOL_CALLS]", CONTROL), 9: ("[AVAILABLE_TOOLS]", CONTROL),
@@ -195,14 +191,7 @@ value
 <tool_response>
 {{ message.content }}
 </tool_response><|im_end|>
-{% else %}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}
-"""
+""" + _OTHER_TURNS + _GENERATION
 """Qwen3-Coder style: XML calls, one ``<parameter=…>`` per argument."""
 
 HARMONY_STYLE = """\
