@@ -7,7 +7,8 @@ answers :meth:`Progress.closing` at any point.
 
 The language is the one :meth:`.core.Grammar.matches` reads, as :func:`.gbnf.expression_rules` writes it:
 every rule and terminal of the Lark grammar as character-level expressions (character classes, sequences,
-alternatives, repetitions, rule references), look-ahead terminals of ``text_until`` as their KMP automata,
+alternatives, repetitions, rule references), look-ahead terminals of ``text_until`` as their KMP automata
+(the artifact feature's text without some tags as the automaton of :mod:`.lookahead`),
 repetition counts up to :data:`MAX_COUNT` (nested counts multiplied; llama.cpp's smaller limit does not apply).
 
 How it works:
@@ -57,7 +58,7 @@ properties with 100-member enums included; reading 5 to 11 µs a character (JSON
 character, shared by copies.
 
 Refused (:class:`~.core.GrammarError`, from :meth:`Closer.for_grammar`): what :func:`.gbnf.expression_rules`
-refuses (``%ignore``, look-arounds other than ``text_until``'s, back-references, …), and a grammar whose
+refuses (``%ignore``, look-arounds other than those two forms, back-references, …), and a grammar whose
 language is empty. Text holding NUL or a lone surrogate is never a viable prefix (the expressions' classes
 leave them out, as no model output holds them).
 """

@@ -20,7 +20,9 @@ How the Lark grammar maps to GBNF:
   character tested against the pattern), ``.`` with and without DOTALL, alternation, groups, counted
   repetition.
 * The look-ahead terminal of :meth:`.core.GrammarBuilder.text_until` (``((?!M)(.|\n))*M``: text up to and
-  including the first ``M``) becomes the KMP automaton of ``M``, one rule per matched prefix of ``M``.
+  including the first ``M``) becomes the KMP automaton of ``M``, one rule per matched prefix of ``M``. The
+  artifact feature's ``((?!M|B)(.|\n))*M`` (the same text, holding no match of the regex ``B``) becomes the
+  automaton of :mod:`.lookahead`, one rule per state.
 * ``%import common.X`` (resolved by Lark), templates (expanded per distinct argument list), priorities, aliases
   and rule modifiers (which do not change the language) are supported. Direct left recursion
   (``a: a "+" b | b``) is rewritten as repetition (``a ::= b ("+" b)*``); any other left recursion is refused
@@ -30,14 +32,13 @@ How the Lark grammar maps to GBNF:
   ever occurs where nothing can come before (after) it, where they hold anyway (the kernel's regex grammars
   end with ``\Z``).
 
-Refused: ``%ignore`` (it would let ignored text appear anywhere), ``%declare``'d terminals, look-arounds other
-than the ``text_until`` form (so Lark's ``common.ESCAPED_STRING``, and the artifact feature's text that must not
-hold some tags), back-references, conditionals, word boundaries, anchors elsewhere, possessive quantifiers and
-atomic groups, lazy quantifiers (Python Lark's lexer ends a terminal at the shortest match of ``/.+?/``, so it
-reads fewer strings than the regex matches), a literal holding NUL (llama.cpp ends strings at NUL and never
-matches it), a repetition count over :data:`~.limits.MAX_REPEAT` (nested counts multiplied, as for the
-kernel's regexes; llama.cpp silently makes ``{m,n}`` unbounded beyond 2,000), and a result over
-:data:`MAX_GBNF_CHARS`.
+Refused: ``%ignore`` (it would let ignored text appear anywhere), ``%declare``'d terminals, look-arounds other than
+those two forms (so Lark's ``common.ESCAPED_STRING``), back-references, conditionals, word boundaries, anchors
+elsewhere, possessive quantifiers and atomic groups, lazy quantifiers (Python Lark's lexer ends a terminal at the
+shortest match of ``/.+?/``, so it reads fewer strings than the regex matches), a literal holding NUL (llama.cpp
+ends strings at NUL and never matches it), a repetition count over :data:`~.limits.MAX_REPEAT` (nested counts
+multiplied, as for the kernel's regexes; llama.cpp silently makes ``{m,n}`` unbounded beyond 2,000), and a result
+over :data:`MAX_GBNF_CHARS`.
 
 The language is the grammar's own: each terminal stands for every string its regex matches. Python Lark's
 dynamic lexer reads a terminal as the first match that Python's ``re`` finds at a position (and, on a retry,
@@ -77,6 +78,7 @@ from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern, nr_deepcop
 
 from .core import Grammar, GrammarError
 from .limits import MAX_GRAMMAR_CHARS, MAX_REPEAT, over
+from .lookahead import END, text_without
 from .regex import MAX_CHAR, Alt, Chars, Ranges, Repeat, Seq, _codes, _intersect, _merge, _subtract
 
 __all__ = ["MAX_GBNF_CHARS", "Node", "Ref", "expression_rules", "to_gbnf"]
@@ -296,22 +298,37 @@ _LAZY_MIDDLES = (")(.|\\n))*", ")(.|\n))*")  # Lark turns a /…/ literal's \n i
 def lazy_marker(pattern: str) -> str | None:
     """The marker ``M`` when ``pattern`` is the look-ahead form of :meth:`.core.GrammarBuilder.text_until`
     (``((?!M)(.|\\n))*M``, ``M`` a literal), else None."""
+    parts = lazy_parts(pattern)
+    return parts[0] if parts is not None and not parts[1] else None
+
+
+def lazy_parts(pattern: str) -> tuple[str, str] | None:
+    """``(M, B)`` when ``pattern`` is text up to the first ``M`` (a literal) holding no match of the regex ``B``:
+    ``((?!M|B)(.|\\n))*M`` (the artifact feature's bodies), or ``(M, "")`` for ``text_until``'s
+    ``((?!M)(.|\\n))*M``; else None."""
     if not pattern.startswith(_LAZY_HEAD):
         return None
     for middle in _LAZY_MIDDLES:
-        size = len(pattern) - len(_LAZY_HEAD) - len(middle)
-        escaped = pattern[len(_LAZY_HEAD):len(_LAZY_HEAD) + size // 2]
-        if size > 0 and not size % 2 and pattern == _LAZY_HEAD + escaped + middle + escaped:
-            break
-    else:
-        return None
-    try:
-        parsed = _parser.parse(escaped)
-    except (re.error, RecursionError, OverflowError):
-        return None
-    if parsed.state.flags & _FLAGS or not all(op is sre.LITERAL for op, _ in parsed):
-        return None
-    return "".join(chr(value) for _, value in parsed)
+        at = pattern.rfind(middle)  # M, escaped, never holds the middle's unescaped brackets
+        if at < len(_LAZY_HEAD):
+            continue
+        escaped, inner = pattern[at + len(middle):], pattern[len(_LAZY_HEAD):at]
+        if inner == escaped:
+            banned = ""
+        elif escaped and inner.startswith(escaped + "|"):
+            banned = inner[len(escaped) + 1:]
+        else:
+            continue
+        try:
+            parsed = _parser.parse(escaped)
+            if banned:
+                re.compile(banned)  # balanced on its own, so the "|" before it is the look-ahead's own
+        except (re.error, RecursionError, OverflowError):
+            return None
+        if not escaped or parsed.state.flags & _FLAGS or not all(op is sre.LITERAL for op, _ in parsed):
+            return None
+        return "".join(chr(value) for _, value in parsed), banned
+    return None
 
 
 Refuse = Callable[[str], GrammarError]
@@ -407,7 +424,8 @@ class _Regex:
                    sre.ATOMIC_GROUP: "an atomic group ((?>…))"}
         if op in (sre.ASSERT, sre.ASSERT_NOT):
             what = "a look-ahead ((?=…) or (?!…))" if value[0] == 1 else "a look-behind ((?<=…) or (?<!…))"
-            raise self.refuse(what + " in a regex (only text_until's ((?!M)(.|\\n))*M form is converted)")
+            raise self.refuse(what + " in a regex (only text_until's ((?!M)(.|\\n))*M and the artifact feature's "
+                              "((?!M|B)(.|\\n))*M are converted)")
         raise self.refuse(refused.get(op, f"the regex construct {op}") + " in a regex")
 
 
@@ -557,11 +575,15 @@ class _Converter:
         if isinstance(pattern, PatternStr) and not pattern.flags:
             return self.literal(pattern.value, where)
         regex = pattern.to_regexp()
-        marker = lazy_marker(regex)
-        if marker is not None:
+        parts = lazy_parts(regex)
+        if parts is not None:
+            marker, banned = parts
             self.literal(marker, where)  # NUL and lone surrogates refused
             state0 = own or self.names.fresh(where)
-            self.lazy(marker, state0)
+            if banned:
+                self.lazy_without(marker, banned, state0, where)
+            else:
+                self.lazy(marker, state0)
             return None if own else Ref(state0)
         result = _Regex(self.refuse, self.limit).translate(regex)
         if not (result.anchored_start or result.anchored_end):
@@ -614,6 +636,19 @@ class _Converter:
             explicit = _codes(c for codes in targets.values() for c in codes)
             options.append(_seq([Chars(_subtract(TEXT, explicit)), Ref(names[0])]))
             self.rules[names[q]] = _alt(options)
+
+
+    def lazy_without(self, marker: str, banned: str, state0: str, where: str) -> None:
+        """Rules for text up to and including the first ``marker`` that holds no match of the regex ``banned``:
+        the automaton of :func:`.lookahead.text_without`, one rule per state (``state0`` the start)."""
+        result = _Regex(self.refuse, self.limit).translate(banned)
+        if result.anchored_start or result.anchored_end:
+            raise self.refuse(f"an anchor in the look-ahead of {where}")
+        automaton = text_without(_literal(marker), result.node, TEXT, self.refuse)
+        names = [state0] + [self.names.fresh(f"{state0}-{q}") for q in range(1, len(automaton.states))]
+        for name, moves in zip(names, automaton.states, strict=True):
+            self.rules[name] = _alt([Chars(chars) if target == END else _seq([Chars(chars), Ref(names[target])])
+                                     for chars, target in moves])
 
 
 def _single_literal(tree: Any) -> Tree | None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gallama_kernel.grammar import GrammarBuilder, GrammarError, user_grammar
 from gallama_kernel.grammar.core import Grammar, literal
-from gallama_kernel.grammar.gbnf import _charset, lazy_marker, to_gbnf
+from gallama_kernel.grammar.gbnf import _charset, lazy_marker, lazy_parts, to_gbnf
 from gallama_kernel.grammar.json_schema import json_object_grammar, json_schema_grammar
 from gallama_kernel.grammar.regex import prefix_grammar, regex_grammar
 from gallama_kernel.grammar.tools import ToolSpec, grammar_for_tools, tool_call_grammar
@@ -388,10 +388,28 @@ def test_lazy_quantifiers_are_read_short_by_lark() -> None:
     assert grammar.matches("ab") and not grammar.matches("aab") and re.fullmatch("a+?", "aa")
 
 
-def test_refused_text_until_with_forbidden_words() -> None:
-    """The artifact feature's "text up to a marker, without these words" is a look-ahead with alternatives."""
-    grammar = Grammar("start: t\nt: /((?!<\\/a>|<b>)(.|\\n))*<\\/a>/\n", "start: t\n", "artifact")
-    refused(grammar, "look-ahead")
+WITHOUT = Grammar("start: t\nt: /((?!<\\/a>|<b[ >]|<\\/b>)(.|\\n))*<\\/a>/\n", "start: t\n", "text without <b")
+"""The artifact feature's form: text up to ``</a>`` that holds no ``<b>``, ``<b `` or ``</b>``."""
+
+
+def test_text_until_without_forbidden_words(engine: Engine) -> None:
+    """The artifact feature's "text up to a marker, without these words" becomes an automaton."""
+    assert lazy_parts(WITHOUT.lark.splitlines()[1].split(": ", 1)[1].strip("/")) == ("</a>", "<b[ >]|<\\/b>")
+    check(engine, WITHOUT, ["</a>", "x<c></a>", "<bx</a>", "a\n<</a>", "<</a>", "</</a>", "<b\n</a>", "</bb</a>"],
+          ["", "<b></a>", "<b </a>", "</b></a>", "x</a></a>", "x</a>y", "<b>", "a<b"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet="<>/ab x", max_size=14), st.booleans())
+def test_text_until_without_agrees_with_lark(engine: Engine, text: str, closed: bool) -> None:
+    """On any text, llama.cpp's reading of the automaton is Python Lark's reading of the look-ahead."""
+    text += "</a>" if closed else ""
+    assert engine.accepts(to_gbnf(WITHOUT), text) == WITHOUT.matches(text), text
+
+
+def test_text_until_without_a_pattern_that_matches_empty_is_refused() -> None:
+    """Lark reads ``</a>`` alone (no character to look ahead from), llguidance nothing: neither is written."""
+    refused(Grammar("start: t\nt: /((?!<\\/a>|x*)(.|\\n))*<\\/a>/\n", "start: t\n", "empty"), "empty string")
 
 
 def test_anchors_at_the_edges_of_the_whole_output_are_kept(engine: Engine) -> None:

@@ -138,6 +138,34 @@ def test_slow_readme_snippets(client: openai.OpenAI, artifact_server: Any) -> No
     assert_read_back(artifact_server)
 
 
+def test_answers_cut_at_max_tokens_are_closed(client: openai.OpenAI, artifact_server: Any) -> None:
+    """At every size from the smallest allowed upward, an answer cut off by ``max_tokens`` ends with the closing
+    tags it needs: each segment's meta is whole, no tag leaks into content, and the output parses."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"artifact": "Fast"})
+    assert caught.value.code == "max_tokens_too_small"
+    smallest = int(re.search(r"has (\d+) tokens", caught.value.body["message"]).group(1))
+    for size in (smallest, smallest + 1, smallest + 7, 45, 90, 160):
+        completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=size,
+                                                    extra_body={"artifact": "Fast"})
+        assert completion.usage.completion_tokens <= size
+        last = completion.choices[-1]
+        if last.finish_reason == "length":
+            assert last.model_extra.get("output_closed") is True, completion
+        for choice in completion.choices:
+            check_meta(choice.message.artifact_meta)
+            check_content(choice.message.artifact_meta, choice.message.content)
+        closed = None
+        for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=size,
+                                                    stream=True, extra_body={"artifact": "Fast"}):
+            for choice in chunk.choices:
+                check_meta(choice.delta.artifact_meta)
+                check_content(choice.delta.artifact_meta, choice.delta.content)
+                closed = choice.model_extra.get("output_closed", closed)
+        assert closed is (True if last.finish_reason == "length" else None)
+    assert_read_back(artifact_server)
+
+
 def test_no_is_plain_chat(client: openai.OpenAI) -> None:
     kwargs: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 40}
     plain = client.chat.completions.create(**kwargs)

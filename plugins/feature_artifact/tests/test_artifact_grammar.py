@@ -16,6 +16,7 @@ from gallama_feature_artifact.grammar import (
     plan_constraint,
 )
 from gallama_feature_artifact.transformer import ArtifactTransformer
+from gallama_kernel.grammar.closing import Closer
 from gallama_kernel.pipeline.constraints import compile_constraint
 from gallama_kernel.pipeline.plan import RequestPlan
 from gallama_kernel.plugins import PluginHost, create_host
@@ -94,6 +95,32 @@ def llguidance_accepts(grammar: str, text: str) -> bool:
 @pytest.mark.parametrize("text", ACCEPTED + REFUSED)
 def test_llguidance_enforces_what_lark_reads(text: str) -> None:
     assert llguidance_accepts(answer_grammar().llguidance, text) == (text in ACCEPTED)
+
+
+@pytest.mark.parametrize("text", ACCEPTED + REFUSED)
+def test_the_closer_reads_what_lark_reads(text: str) -> None:
+    """The kernel's closer (and GBNF) read the bodies' look-aheads as an automaton: the same language."""
+    progress = Closer.for_grammar(answer_grammar()).start()
+    assert (progress.feed(text) and progress.closing() == "") == (text in ACCEPTED)
+
+
+@pytest.mark.parametrize("text", ACCEPTED)
+def test_every_prefix_closes_to_a_valid_answer(text: str) -> None:
+    """An answer cut anywhere (at ``max_tokens``) gets the shortest ending that makes it a valid answer."""
+    closer = Closer.for_grammar(answer_grammar())
+    for end in range(len(text) + 1):
+        progress = closer.start()
+        assert progress.feed(text[:end])
+        closing = progress.closing()
+        assert closing is not None and answer_grammar().matches(text[:end] + closing), (text[:end], closing)
+        assert llguidance_accepts(answer_grammar().llguidance, text[:end] + closing)
+    assert closer.shortest() == "<answer><text></text></answer>"
+
+
+def test_a_cut_artifact_body_gets_its_closing_tags() -> None:
+    progress = Closer.for_grammar(answer_grammar()).start()
+    assert progress.feed(f"<answer>{ART}def f(a):\n    return a if len(a) </")
+    assert progress.closing() == "artifact></answer>"
 
 
 # -- hooks -------------------------------------------------------------------------------------------------
