@@ -138,3 +138,19 @@ def test_a_grammar_gbnf_cannot_say_is_refused_naming_the_field(client):
     assert refused.value.code == "constraint_not_supported"
     assert refused.value.param == "grammar"
     assert "%ignore" in refused.value.message
+
+
+def test_artifacts_reach_the_engine_as_gbnf_and_close_at_max_tokens(client, server):
+    """The artifact answer's bodies (text up to a tag, without other tags) go to llama-server as an automaton in
+    GBNF; cut at ``max_tokens``, the answer ends with its closing tags and parses."""
+    for size in (24, 80):
+        completion = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Write quicksort in python"}], temperature=0,
+            max_tokens=size, extra_body={"artifact": "Fast"})
+        assert completion.usage.completion_tokens <= size
+        for choice in completion.choices:
+            assert choice.message.artifact_meta["tag_type"] in ("text", "artifact")
+            assert not any(tag in (choice.message.content or "") for tag in ("<answer>", "</answer>", "</artifact>"))
+        last = completion.choices[-1]
+        assert last.finish_reason != "length" or last.model_extra.get("output_closed") is True, completion
+    assert "does not parse" not in server.log.read_text()
