@@ -85,6 +85,14 @@ R1_STYLE = _TOOLS + _CONVERSATION + """\
 THINK_TOKENS = {3: ("<think>", USER_DEFINED), 4: ("</think>", USER_DEFINED)}
 """``<think>`` and ``</think>`` as single tokens that render as text (as in Qwen3's vocabulary)."""
 
+OLDER_R1_STYLE = _TOOLS + _CONVERSATION + _GENERATION
+"""An older DeepSeek-R1 distill's template: it drops earlier turns' reasoning (naming only ``</think>``) but
+neither opens ``<think>`` nor offers a switch, although the model reasons unasked."""
+
+OLDER_R1_TOKENS = {2068: ("<think>", USER_DEFINED), 260: ("</think>", USER_DEFINED)}
+"""``To`` and `` the`` renamed ``<think>`` and ``</think>``: where the weights begin an answer with ``To`` (greedy
+"How do I add 3 and 3?" does), the model opens a reasoning block unasked, and its next `` the`` ends it."""
+
 
 def write_variant(path: Path, template: str, renamed: dict[int, tuple[str, gguf.TokenType]]) -> Path:
     """Write the embedded model to ``path`` with ``template`` as its chat template and the tokens in ``renamed``

@@ -13,7 +13,16 @@ from collections.abc import Iterator
 import jsonschema
 import openai
 import pytest
-from model_variants import HARMONY_STYLE, HARMONY_TOKENS, QWEN3_STYLE, R1_STYLE, THINK_TOKENS, write_variant
+from model_variants import (
+    HARMONY_STYLE,
+    HARMONY_TOKENS,
+    OLDER_R1_STYLE,
+    OLDER_R1_TOKENS,
+    QWEN3_STYLE,
+    R1_STYLE,
+    THINK_TOKENS,
+    write_variant,
+)
 from openai import OpenAI
 
 from gallama_kernel.testing import RunningServer
@@ -36,10 +45,12 @@ def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runni
     qwen3 = write_variant(folder / "smol-qwen3.gguf", QWEN3_STYLE, THINK_TOKENS)
     r1 = write_variant(folder / "smol-r1.gguf", R1_STYLE, THINK_TOKENS)
     harmony = write_variant(folder / "smol-harmony.gguf", HARMONY_STYLE, HARMONY_TOKENS)
+    older_r1 = write_variant(folder / "smol-older-r1.gguf", OLDER_R1_STYLE, OLDER_R1_TOKENS)
     running = RunningServer(tmp_path_factory.mktemp("gallama-reasoning-home"),
                             "-id", f"model_id={qwen3} model_name=qwen3-style max_concurrent_requests=4",
                             "-id", f"model_id={r1} model_name=r1-style max_concurrent_requests=2",
                             "-id", f"model_id={harmony} model_name=harmony-style max_concurrent_requests=2",
+                            "-id", f"model_id={older_r1} model_name=older-r1-style max_concurrent_requests=2",
                             timeout=240)
     try:
         yield running
@@ -241,3 +252,26 @@ def test_harmony_reasoning_answers_and_calls_come_apart(reasoner: OpenAI, stream
     jsonschema.validate(json.loads(calls[0][1]), WEATHER["function"]["parameters"])
     reasoning, content, calls, used = ask(reasoning_effort="none", extra_body={})
     assert not reasoning and not used
+
+
+def test_a_block_opened_unasked_is_read_as_reasoning(reasoner: OpenAI) -> None:
+    """An older R1 distill's template names only ``</think>``: the vocabulary's two marker tokens make it a
+    reasoning model, and a free answer that opens ``<think>`` unasked has that block as reasoning, streamed the
+    same way, counted as reasoning tokens, hidden with ``include_reasoning: false``."""
+    ask = {"model": "older-r1-style", "messages": [{"role": "user", "content": "How do I add 3 and 3?"}],
+           "max_tokens": 40, "temperature": 0}
+    reasoner.chat.completions.create(**ask)  # the prompt in the cache: the stream then computes the same
+    response = reasoner.chat.completions.create(**ask)
+    message = response.choices[0].message
+    reasoning = reasoning_of(message)
+    assert reasoning and message.content, message
+    assert "<think>" not in message.content and "<think>" not in reasoning and "</think>" not in reasoning
+    assert 0 < reasoning_tokens(response.usage) < response.usage.completion_tokens <= 40
+    chunks = list(reasoner.chat.completions.create(**ask, stream=True))
+    assert "".join(reasoning_of(c.choices[0].delta) or "" for c in chunks if c.choices) == reasoning
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message.content
+    hidden = reasoner.chat.completions.create(**ask, extra_body={"include_reasoning": False})
+    assert reasoning_of(hidden.choices[0].message) is None and hidden.choices[0].message.content == message.content
+    assert reasoning_tokens(hidden.usage) == reasoning_tokens(response.usage)
+    constrained = reasoner.chat.completions.create(**ask, response_format={"type": "json_object"})
+    assert reasoning_of(constrained.choices[0].message) is None  # the constraint starts at the first token

@@ -31,7 +31,8 @@ class ServedModel:
         self.renderer = PromptRenderer(self.backend.chat_template, self.backend.special_tokens,
                                        self.backend.control_texts)
         spec = getattr(self.backend, "spec", None)
-        self.reasoning = detect(self.backend.chat_template, getattr(spec, "reasoning", None))
+        self.reasoning = detect(self.backend.chat_template, getattr(spec, "reasoning", None),
+                                self.backend.control_texts)
         chosen = getattr(spec, "tool_format", None)
         template = self.renderer.source if self.renderer.uses_model_template else None
         if chosen not in (None, "auto"):

@@ -3,8 +3,10 @@
 **Recognition, per model.** A reasoning model's chat template writes its markers: gpt-oss's harmony channels
 (``<|channel|>`` and ``<|message|>``: :data:`HARMONY`), else Qwen3, QwQ and the DeepSeek-R1 distills write
 ``<think>`` … ``</think>``, other families one of :data:`KNOWN_MARKERS`; the first pair whose two markers both
-occur in the template's source is the model's syntax. The model key ``reasoning`` overrides it: ``none`` (the
-model never reasons), ``auto`` (the default), ``harmony``, or ``START,END`` (the two markers).
+occur in the template's source is the model's syntax. A template that names none (a generic or missing one)
+leaves the vocabulary: the first pair that are both special tokens of their own. The model key ``reasoning``
+overrides both: ``none`` (the model never reasons), ``auto`` (the default), ``harmony``, or ``START,END`` (the
+two markers).
 
 **Where the turn stands.** The generation prompt (what the template writes after the conversation to open the
 assistant's turn) and the request's ``leading_prompt`` tell where the model starts:
@@ -16,8 +18,10 @@ assistant's turn) and the request's ``leading_prompt`` tell where the model star
 * ``none``: no marker. Without a ``leading_prompt`` the kernel opens the reasoning itself (start marker and a
   newline) when the template offers a switch for it (``enable_thinking``: Qwen3's hybrid models) or the request
   asks for reasoning (``reasoning_effort``, ``reasoning_budget``); a template that only names the markers (to
-  drop earlier turns' reasoning, as instruct-only models' templates do) leaves the model answering. A
-  ``leading_prompt`` without markers opened the answer, and the model answers.
+  drop earlier turns' reasoning, as instruct-only models' templates do, or as older DeepSeek-R1 distills' do
+  although the model reasons anyway) leaves the model answering, and a free answer (no constraint) that opens
+  with the start marker has its block read as reasoning (:class:`UnaskedReasoning`). A ``leading_prompt``
+  without markers opened the answer, and the model answers.
 
 **Think, then answer.** With reasoning on, the reasoning runs as a generation pass of its own before the answer
 (:class:`~.plan.GenerationPass`): free text, streamed as ``reasoning_content``, ended by the end marker (a stop
@@ -40,7 +44,7 @@ block closed by the kernel, so the model answers at once and nothing it writes i
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -128,18 +132,20 @@ def parse_setting(value: str | None) -> ReasoningSyntax | Literal["auto"] | None
     return ReasoningSyntax(start.strip(), end.strip())
 
 
-def detect(template: str | None, setting: str | None = None) -> ReasoningSyntax | None:
-    """The model's reasoning syntax from its ``reasoning`` key, else from its chat template's source."""
+def detect(template: str | None, setting: str | None = None,
+           vocabulary: Collection[str] = ()) -> ReasoningSyntax | None:
+    """The model's reasoning syntax from its ``reasoning`` key, else from its chat template's source, else from
+    its vocabulary: ``vocabulary`` holds the texts its tokenizer reads as special tokens of their own (a model
+    whose template says nothing of reasoning but whose vocabulary has ``<think>`` and ``</think>``)."""
     chosen = parse_setting(setting)
     if chosen != "auto":
         return chosen
-    if not template:
-        return None
-    if "<|channel|>" in template and "<|message|>" in template:
-        return HARMONY
-    for start, end in KNOWN_MARKERS:
-        if start in template and end in template:
-            return ReasoningSyntax(start, end)
+    for names in (template or "", vocabulary):
+        if "<|channel|>" in names and "<|message|>" in names:
+            return HARMONY
+        for start, end in KNOWN_MARKERS:
+            if start in names and end in names:
+                return ReasoningSyntax(start, end)
     return None
 
 
@@ -199,11 +205,16 @@ class ReasoningRequest:
         return EFFORT_BUDGET.get(self.effort) if self.effort is not None else None
 
 
+Outcome = Literal["pass", "answer", "may_open"]
+"""What :func:`plan_reasoning` planned: a reasoning ``pass``; the model starts with its ``answer``; or the model
+starts with its answer but ``may_open`` a reasoning block unasked (read by :class:`UnaskedReasoning`)."""
+
+
 def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan: RequestPlan,
-                   renderer: PromptRenderer, model_name: str) -> bool:
+                   renderer: PromptRenderer, model_name: str) -> Outcome:
     """Apply the model's reasoning to ``plan`` (after the plugins' ``prepare_request``): template variables, the
-    reasoning pass, or the empty block that keeps a model that reasons from reasoning. Returns whether a
-    reasoning pass was added.
+    reasoning pass, or the empty block that keeps a model that reasons from reasoning. Returns what it planned
+    (:data:`Outcome`).
 
     :raises InvalidRequest: reasoning asked of a model without a reasoning syntax, or a reasoning budget beside
         a plugin's thinking passes (one replaces the other).
@@ -214,7 +225,7 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
                                  "cannot be honoured (a model reasons when its chat template writes reasoning "
                                  "markers, or its 'reasoning' key names them).", param=asked.explicit,
                                  code="unsupported_parameter")
-        return False
+        return "answer"
     replaced = any(existing.reasoning for existing in plan.passes)
     if replaced and asked.explicit is not None:
         raise InvalidRequest(f"'{asked.explicit}' sets the model's own reasoning, which a thinking template "
@@ -227,16 +238,18 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
     state = syntax.state(generation_prompt(renderer, plan.messages, variables) + plan.leading_prompt)
     _trust_markers(syntax, plan)
     if state == "closed" or (state == "none" and plan.leading_prompt):
-        return False
+        return "answer"
     offered = syntax.always or any(name in renderer.source for name in TEMPLATE_SWITCHES)
     if state == "none" and asked.explicit is None and not offered:
-        return False  # neither opened by the template nor offered by a switch: the model reasons when asked to
+        # neither opened by the template nor offered by a switch: the model reasons when asked to, or opens a
+        # block of its own accord (an older DeepSeek-R1 distill), which a free answer reads as reasoning
+        return "may_open" if plan.constraint is None and not replaced else "answer"
     calls_format_answer = plan.constraint is not None and plan.constraint.kind == "tools"
     answer = "" if calls_format_answer else syntax.answer  # a tool format writes its own channel headers
     if not on:  # an empty block: the answer starts at once
         opening = "" if state == "open" else syntax.start
         plan.continuation.append((f"{opening}{syntax.blank}{syntax.end}{syntax.after}{answer}", True))
-        return False
+        return "answer"
     opening = syntax.start + syntax.lead if state == "none" else ""
     pass_ = GenerationPass(opening=opening, stop=[syntax.end], max_tokens=asked.tokens,
                            constraint=_token_end(syntax) if syntax.token_end else None,
@@ -244,7 +257,7 @@ def plan_reasoning(syntax: ReasoningSyntax | None, asked: ReasoningRequest, plan
                            show_opening=False, shares_max_tokens=True, reasoning=True,
                            done=_closer(syntax, opening, answer))
     plan.passes.insert(0, pass_)  # before the plugins' passes (an artifact plan is made after the reasoning)
-    return True
+    return "pass"
 
 
 def _trust_markers(syntax: ReasoningSyntax, plan: RequestPlan) -> None:
@@ -283,3 +296,83 @@ def _closer(syntax: ReasoningSyntax, opening: str, answer: str) -> Callable[[Req
         newline = "\n" if syntax.blank and text and not text.endswith("\n") else ""
         plan.continuation.append((newline + syntax.end + syntax.after + answer, True))
     return done
+
+
+class UnaskedReasoning:
+    """Reads a free answer that may open with a reasoning block the model wrote unasked (an older DeepSeek-R1
+    distill's template neither opens ``<think>`` nor offers a switch, and the model reasons anyway).
+
+    While the answer's first characters (after white space) may still be the start marker, they are held back.
+    If the answer opens with it, what follows up to the end marker is reasoning (``reasoning_content``, or
+    nothing when the client hides it or turned reasoning off), and the answer is what comes after the end
+    marker and the white space after it. Any other opening is the answer, unchanged.
+    """
+
+    def __init__(self, syntax: ReasoningSyntax, include: bool) -> None:
+        self.syntax = syntax
+        self.include = include
+        self.state: Literal["head", "inside", "after", "answer"] = "head"
+        self.held = ""
+        self.reasoning = ""  # the reasoning read so far, markers left out
+        self.opened = False  # the answer opened a reasoning block
+
+    def feed(self, text: str) -> list[dict[str, str]]:
+        """The deltas of ``text``: ``{"reasoning_content": …}`` and ``{"content": …}``, in order."""
+        out: list[dict[str, str]] = []
+        self.held += text
+        while self.held:
+            if self.state == "head":
+                stripped = self.held.lstrip()
+                if self.syntax.start.startswith(stripped):
+                    break  # maybe the start marker, not yet whole
+                if not stripped.startswith(self.syntax.start):
+                    self.state = "answer"
+                    continue
+                self.held = stripped[len(self.syntax.start):]
+                self.state, self.opened = "inside", True
+            elif self.state == "inside":
+                if not self.reasoning:
+                    self.held = self.held.lstrip()  # the white space after the start marker
+                at = self.held.find(self.syntax.end)
+                if at < 0:  # hold back a marker begun, and the white space before it (left out if it ends)
+                    cut = len(self.held) - _partial_suffix(self.held, self.syntax.end)
+                    while cut and self.held[cut - 1].isspace():
+                        cut -= 1
+                    self._reason(self.held[:cut], out)
+                    self.held = self.held[cut:]
+                    break
+                self._reason(self.held[:at].rstrip(), out)
+                self.held = self.held[at + len(self.syntax.end):]
+                self.state = "after"
+            elif self.state == "after":
+                self.held = self.held.lstrip()
+                if self.held:
+                    self.state = "answer"
+            else:
+                out.append({"content": self.held})
+                self.held = ""
+        return out
+
+    def finish(self) -> list[dict[str, str]]:
+        """What is still held when the answer ends: a marker begun is the answer's text, a reasoning not ended
+        stays reasoning."""
+        out: list[dict[str, str]] = []
+        if self.state == "inside":
+            self._reason(self.held, out)
+        elif self.held and self.state != "after":
+            out.append({"content": self.held})
+        self.held = ""
+        return out
+
+    def _reason(self, piece: str, out: list[dict[str, str]]) -> None:
+        self.reasoning += piece
+        if piece and self.include:
+            out.append({"reasoning_content": piece})
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of ``text`` that begins ``marker`` (held back: the marker may follow)."""
+    for size in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0

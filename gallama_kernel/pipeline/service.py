@@ -141,6 +141,14 @@ def _with_passes(event: GenerationEvent, passes: GenerationEvent) -> GenerationE
                            reasoning_tokens=passes.completion_tokens, stop_sequence=event.stop_sequence)
 
 
+def _with_unasked(event: GenerationEvent, unasked: reasoning.UnaskedReasoning,
+                  count: truncation.Count) -> GenerationEvent:
+    """The answer's final event with the tokens of the reasoning block it opened counted as reasoning tokens."""
+    syntax = unasked.syntax
+    tokens = min(event.completion_tokens, count(syntax.start + syntax.lead + unasked.reasoning + syntax.end))
+    return dataclasses.replace(event, reasoning_tokens=event.reasoning_tokens + tokens)
+
+
 def _has_output(message: dict[str, Any]) -> bool:
     return any(value for key, value in message.items() if key != "role")
 
@@ -174,6 +182,7 @@ class Prepared:
     answer_reserve: int = 1  # tokens passes that share max_tokens leave the answer (see reasoning.answer_reserve)
     closer: Closer | None = None  # the answer grammar's closer: the answer cannot be cut off (see truncation)
     output_closed: bool = False  # the answer reached max_tokens and was closed with its grammar's shortest ending
+    unasked: reasoning.UnaskedReasoning | None = None  # reads a reasoning block the free answer may open unasked
     emit_interval_s: float = math.inf  # set for streams from the backend's stream_interval_s
     final_usage: dict[str, Any] | None = None  # a stream's usage once it finished (asked for or not)
     stop_sequence: str | None = None  # the stop string that ended the answer, once it finished
@@ -254,8 +263,8 @@ class ChatService:
         plan.template_vars.update(request.chat_template_kwargs or {})
         self._present_tools(model, request, plan)
         self.host.prepare_request(request, plan)
-        reasoning.plan_reasoning(model.reasoning, reasoning.ReasoningRequest.of(request), plan, model.renderer,
-                                 model.name)
+        asked = reasoning.ReasoningRequest.of(request)
+        outcome = reasoning.plan_reasoning(model.reasoning, asked, plan, model.renderer, model.name)
         grammar = self._grammar(model, plan.constraint, plan.constraint_after)
         passes = [PreparedPass(p, self._grammar(model, p.constraint)) for p in plan.passes]
         tokens = prompt_tokens(model, plan)
@@ -277,7 +286,9 @@ class ChatService:
             tool_mode = "auto" if plan.constraint.choice == "auto" else "calls"
         return Prepared(model, generation, transformers, tool_mode=tool_mode, constraint_after=plan.constraint_after,
                         plan=plan, passes=passes, requested_tokens=request.token_limit,
-                        answer_reserve=reasoning.answer_reserve(max_tokens, shortest), closer=closer)
+                        answer_reserve=reasoning.answer_reserve(max_tokens, shortest), closer=closer,
+                        unasked=reasoning.UnaskedReasoning(model.reasoning, asked.include and asked.wanted)
+                        if outcome == "may_open" and model.reasoning is not None else None)
 
     @staticmethod
     def _grammar(model: ServedModel, constraint: constraints.Constraint | None,
@@ -392,6 +403,10 @@ class ChatService:
             text.append(event.text)
             if calls is not None:
                 raw = calls.feed(event.text) + (calls.finish() if final else [])
+            elif prepared.unasked is not None:
+                raw = prepared.unasked.feed(event.text) + (prepared.unasked.finish() if final else [])
+                if final and prepared.unasked.opened:
+                    event = await asyncio.to_thread(_with_unasked, event, prepared.unasked, counter(prepared.model))
             else:
                 raw = [{"content": event.text}] if event.text else []
             deltas = [out for delta in raw for out in prepared.transform(delta)]

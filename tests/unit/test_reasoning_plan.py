@@ -28,8 +28,8 @@ OPENS = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('<
 
 def plan_for(template: str, asked: ReasoningRequest | None = None, leading: str = "") -> tuple[RequestPlan, bool]:
     plan = RequestPlan(messages=[{"role": "user", "content": "hi"}], leading_prompt=leading)
-    added = plan_reasoning(detect(template), asked or ReasoningRequest(), plan, PromptRenderer(template), "m")
-    return plan, added
+    outcome = plan_reasoning(detect(template), asked or ReasoningRequest(), plan, PromptRenderer(template), "m")
+    return plan, outcome == "pass"
 
 
 def test_the_syntax_comes_from_the_template_or_the_model_key() -> None:
@@ -91,7 +91,7 @@ def test_reasoning_off_closes_an_open_turn_with_an_empty_block(asked: ReasoningR
 
 def test_reasoning_off_where_the_template_closes_the_block_itself_adds_nothing() -> None:
     plan = RequestPlan(messages=[{"role": "user", "content": "hi"}], template_vars={"enable_thinking": False})
-    assert not plan_reasoning(THINK, ReasoningRequest(effort="none"), plan, PromptRenderer(MAY), "m")
+    assert plan_reasoning(THINK, ReasoningRequest(effort="none"), plan, PromptRenderer(MAY), "m") == "answer"
     assert plan.continuation == [] and plan.passes == []
 
 
@@ -119,7 +119,7 @@ def test_reasoning_asked_of_a_model_without_it_is_refused_and_none_is_accepted()
 def test_a_thinking_template_replaces_the_models_reasoning() -> None:
     plan = RequestPlan(messages=[{"role": "user", "content": "hi"}],
                        passes=[GenerationPass(opening="<x>", reasoning=True)])
-    assert not plan_reasoning(THINK, ReasoningRequest(), plan, PromptRenderer(OPENS), "m")
+    assert plan_reasoning(THINK, ReasoningRequest(), plan, PromptRenderer(OPENS), "m") == "answer"
     assert len(plan.passes) == 1
     assert plan.continuation == [("\n\n</think>\n\n", True)]
     with pytest.raises(InvalidRequest) as raised:
@@ -129,7 +129,7 @@ def test_a_thinking_template_replaces_the_models_reasoning() -> None:
 
 def test_the_reasoning_runs_before_a_plugins_other_passes_and_stays_before_their_output() -> None:
     plan = RequestPlan(messages=[{"role": "user", "content": "hi"}], passes=[GenerationPass(opening="<plan>")])
-    assert plan_reasoning(THINK, ReasoningRequest(), plan, PromptRenderer(MAY), "m")
+    assert plan_reasoning(THINK, ReasoningRequest(), plan, PromptRenderer(MAY), "m") == "pass"
     assert [p.opening for p in plan.passes] == ["<think>\n", "<plan>"]
     assert plan.passes[0].done is not None
     keep_order(plan, plan.passes[0].done, "why\n")
