@@ -201,11 +201,10 @@ class Prepared:
         return self.generation.request_id
 
     async def events(self, generation: GenerationRequest | None = None,
-                     pieces: bool = False) -> AsyncIterator[GenerationEvent]:
-        """The backend's events; ``pieces``: text comes in pieces even when not streamed (as a stream would)."""
-        interval = self.emit_interval_s
-        if pieces and math.isinf(interval):
-            interval = self.model.backend.stream_interval_s
+                     each_token: bool = False) -> AsyncIterator[GenerationEvent]:
+        """The backend's events; ``each_token``: one event per token, streamed or not (the truncation guard
+        checkpoints between events, so that its closing point depends on the tokens alone, not on timing)."""
+        interval = 0.0 if each_token else self.emit_interval_s
         request = dataclasses.replace(generation or self.generation, emit_interval_s=interval)
         stream = self.model.backend.stream(request)
         try:
@@ -396,7 +395,7 @@ class ChatService:
         if prepared.closer is not None:
             guard = truncation.TruncationGuard(prepared.closer, prepared.generation.max_tokens,
                                                counter(prepared.model))
-        async for event in prepared.events(pieces=guard is not None):
+        async for event in prepared.events(each_token=guard is not None):
             if guard is not None:
                 event = guard.event(event)
             final = event.finish_reason is not None

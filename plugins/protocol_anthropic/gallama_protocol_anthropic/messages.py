@@ -66,6 +66,7 @@ def message(completion: dict[str, Any], stop_sequence: str | None, client_stops:
     reason, sequence = stop_reason(choice["finish_reason"], stop_sequence, client_stops)
     return {"id": message_id(completion["id"]), "type": "message", "role": "assistant",
             "model": completion["model"], "content": content, "stop_reason": reason, "stop_sequence": sequence,
+            **({"output_closed": True} if choice.get("output_closed") else {}),
             "usage": anthropic_usage(completion.get("usage"))}
 
 
@@ -83,6 +84,7 @@ class EventWriter:
         self.index = -1
         self.open: str | None = None  # "thinking" | "text" | "tool:<n>"
         self.finish: str | None = None
+        self.closed = False  # the output was closed at max_tokens (``output_closed``)
 
     def start(self) -> bytes:
         tokens = len(self.prepared.generation.prompt_tokens)
@@ -129,13 +131,15 @@ class EventWriter:
                         "type": "input_json_delta", "partial_json": function["arguments"]}})
             if choice.get("finish_reason") is not None:
                 self.finish = choice["finish_reason"]
+                self.closed = bool(choice.get("output_closed"))
         return out
 
     def end(self) -> bytes:
         usage = self.prepared.final_usage
         reason, sequence = stop_reason(self.finish, self.prepared.stop_sequence, self.client_stops)
         # the whole usage (the cache reads are known only now): the clients' accumulators take it over the start's
-        delta = {"delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": anthropic_usage(usage)}
+        delta = {"delta": {"stop_reason": reason, "stop_sequence": sequence,
+                           **({"output_closed": True} if self.closed else {})}, "usage": anthropic_usage(usage)}
         return self._stop() + event("message_delta", delta) + event("message_stop", {})
 
 

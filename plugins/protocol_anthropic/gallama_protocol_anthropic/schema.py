@@ -4,12 +4,12 @@ Every field is either honoured through the kernel's pipeline, accepted as what i
 400 naming it:
 
 * honoured (enforced as on ``/v1/chat/completions``): tools and ``tool_choice`` (``any`` / ``tool``: a valid call
-  every time), ``output_config.format`` (a JSON schema the output is held to), ``stop_sequences``,
-  ``max_tokens``, ``thinking`` (``enabled`` with its budget, ``adaptive`` with a budget from
+  every time), ``output_config.format`` (a JSON schema the output is held to), ``stop_sequences``, ``max_tokens``,
+  a last assistant message (a prefill: the answer continues its text, as the kernel's ``leading_prompt``, and the
+  response holds only the continuation), ``thinking`` (``enabled`` with its budget, ``adaptive`` with a budget from
   ``output_config.effort``; ``display: omitted`` hides it: a model that reasons natively reasons within that
   budget, and without ``thinking`` it does not reason; another model fills in a thinking template, with the
-  thinking plugin), and ``temperature`` / ``top_p`` / ``top_k``, which
-  older clients still send;
+  thinking plugin), and ``temperature`` / ``top_p`` / ``top_k``, which older clients still send;
 * accepted: ``cache_control`` (gallama reuses the longest cached prefix by itself), ``metadata``,
   ``service_tier``, ``speed: standard``, ``inference_geo``, ``diagnostics``, ``user_profile_id``,
   ``workspace_id``; ``output_config.effort`` without thinking (there is nothing it could shorten); thinking blocks
@@ -235,6 +235,10 @@ def chat_body(request: CountTokensRequest, fields: Any, native: bool = False) ->
     for index, message in enumerate(request.messages):
         messages += _messages(message, index)
     body: dict[str, Any] = {"model": request.model, "messages": messages}
+    prefill = _prefill(request.messages)
+    if prefill is not None:  # the answer continues the client's text, which is not returned
+        messages.pop()
+        body["leading_prompt"] = prefill
     if request.tools:
         body["tools"] = [{"type": "function", "function": {"name": tool.name, "parameters": tool.input_schema,
                                                            **({"description": tool.description}
@@ -279,6 +283,19 @@ def chat_body(request: CountTokensRequest, fields: Any, native: bool = False) ->
     else:
         body["max_tokens"] = 1  # counting: the prompt is what matters
     return body
+
+
+def _prefill(messages: list[Message]) -> str | None:
+    """The text of a last assistant message (a prefill: the response continues it), or None. A message with a
+    tool use is a turn that ended, not a prefill."""
+    last = messages[-1] if messages else None
+    if last is None or last.role != "assistant":
+        return None
+    if isinstance(last.content, str):
+        return last.content or None
+    if any(isinstance(block, ToolUseBlock) for block in last.content):
+        return None
+    return "".join(block.text for block in last.content if isinstance(block, TextBlock)) or None
 
 
 def _messages(message: Message, index: int) -> list[dict[str, Any]]:

@@ -58,9 +58,10 @@ def test_forced_tool_use_is_a_valid_call_every_time(client: anthropic.Anthropic,
         else:
             reply = client.messages.create(**kwargs)
         if reply.stop_reason == "max_tokens":  # sampled: the 135M model may repeat itself inside a string
-            truncated += 1
-            continue
-        assert reply.stop_reason == "tool_use", (attempt, reply)
+            truncated += 1  # and the call is closed at the budget: it still parses and validates
+            assert stream or reply.model_extra.get("output_closed") is True, (attempt, reply)
+        else:
+            assert reply.stop_reason == "tool_use", (attempt, reply)
         calls = [block for block in reply.content if block.type == "tool_use"]
         assert calls, reply
         for call in calls:
@@ -189,12 +190,11 @@ def test_output_config_format_holds_the_answer_to_its_schema(client: anthropic.A
         reply = client.messages.create(model=MODEL, max_tokens=120, extra_body={"temperature": 0.8},
                                        output_config={"format": {"type": "json_schema", "schema": schema}},
                                        messages=[{"role": "user", "content": "Describe an animal."}])
-        if reply.stop_reason == "max_tokens":
-            assert reply.content[0].text.startswith('{"name":'), (attempt, reply.content[0].text)
-            continue
+        if reply.stop_reason == "max_tokens":  # closed at the budget: valid all the same
+            assert reply.model_extra.get("output_closed") is True, (attempt, reply)
         data = json.loads(reply.content[0].text)
         assert set(data) == {"name", "legs"} and isinstance(data["legs"], int), (attempt, data)
-        complete += 1
+        complete += reply.stop_reason == "end_turn"
     assert complete, "no answer finished within 120 tokens"
 
 
@@ -214,3 +214,38 @@ def test_thinking_comes_in_thinking_blocks_within_its_budget(client: anthropic.A
     hidden = client.messages.create(**{**kwargs, "thinking": {"type": "enabled", "budget_tokens": 24,
                                                               "display": "omitted"}})
     assert all(block.type != "thinking" for block in hidden.content)
+
+
+def test_a_last_assistant_message_is_a_prefill_the_answer_continues(anthropic_server: RunningServer,
+                                                                     client: anthropic.Anthropic) -> None:
+    """As on Anthropic's API: the response continues the prefill and holds only the continuation. The kernel's
+    ``leading_prompt`` does the same on Chat Completions, so both answers are equal."""
+    prefill = "Once upon a time, in the city of Zanzibar,"
+    story = [{"role": "user", "content": "Tell me a story."}]
+    reply = client.messages.create(model=MODEL, max_tokens=16, extra_body=GREEDY,
+                                   messages=[*story, {"role": "assistant", "content": [{"type": "text",
+                                                                                       "text": prefill}]}])
+    chat = httpx.post(f"{anthropic_server.base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": story, "max_tokens": 16, "temperature": 0, "leading_prompt": prefill}).json()
+    assert reply.content[0].text == chat["choices"][0]["message"]["content"]
+    assert not reply.content[0].text.startswith("Once upon")
+    plain = client.messages.create(model=MODEL, max_tokens=16, extra_body=GREEDY, messages=story)
+    assert plain.content[0].text != reply.content[0].text
+    counted = client.messages.count_tokens(model=MODEL, messages=[*story, {"role": "assistant", "content": prefill}])
+    assert counted.input_tokens > client.messages.count_tokens(model=MODEL, messages=story).input_tokens + 8
+
+
+def test_an_answer_cut_at_max_tokens_is_closed_and_says_so(client: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "legs": {"type": "integer"}},
+              "required": ["name", "legs"], "additionalProperties": False}
+    kwargs: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "extra_body": GREEDY,
+                              "output_config": {"format": {"type": "json_schema", "schema": schema}},
+                              "messages": [{"role": "user", "content": "Describe an animal."}]}
+    reply = client.messages.create(**kwargs)
+    assert reply.stop_reason == "max_tokens" and reply.model_extra.get("output_closed") is True
+    assert set(json.loads(reply.content[0].text)) == {"name", "legs"} and reply.usage.output_tokens <= 10
+    with client.messages.stream(**kwargs) as stream:
+        deltas = [event.delta for event in stream if event.type == "message_delta"]
+        final = stream.get_final_message()
+    assert deltas[-1].stop_reason == "max_tokens" and deltas[-1].model_extra.get("output_closed") is True
+    assert final.content[0].text == reply.content[0].text

@@ -41,14 +41,15 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
             "status": status}
 
 
-def finished(finish: str | None) -> tuple[str, dict[str, str] | None]:
-    """``status`` and ``incomplete_details`` for a chat ``finish_reason``."""
+def finished(finish: str | None, closed: bool = False) -> tuple[str, dict[str, Any] | None]:
+    """``status`` and ``incomplete_details`` for a chat ``finish_reason``; ``closed``: the output reached the
+    budget and was closed with its grammar's shortest ending (``"output_closed": true`` in the details)."""
     if finish == "length":
-        return "incomplete", {"reason": "max_output_tokens"}
+        return "incomplete", {"reason": "max_output_tokens", **({"output_closed": True} if closed else {})}
     return "completed", None
 
 
-def response(base: dict[str, Any], output: list[dict[str, Any]], status: str, details: dict[str, str] | None,
+def response(base: dict[str, Any], output: list[dict[str, Any]], status: str, details: dict[str, Any] | None,
              usage: dict[str, Any] | None) -> dict[str, Any]:
     return {**base, "status": status, "incomplete_details": details, "output": output,
             "usage": responses_usage(usage) if usage is not None else None, "error": None}
@@ -70,7 +71,7 @@ def from_completion(base: dict[str, Any], completion: dict[str, Any]) -> dict[st
         output.append(message_item(new_id("msg"), chat.get("content") or ""))
     for call in chat.get("tool_calls") or []:
         output.append(call_item(new_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"]))
-    status, details = finished(choice["finish_reason"])
+    status, details = finished(choice["finish_reason"], bool(choice.get("output_closed")))
     return response(base, output, status, details, completion.get("usage"))
 
 
@@ -89,6 +90,7 @@ class EventWriter:
         self.open: str | None = None
         self.text = ""
         self.finish: str | None = None
+        self.closed = False  # the output was closed at max_output_tokens (``output_closed``)
 
     def emit(self, kind: str, data: dict[str, Any]) -> bytes:
         piece = sse(kind, {**data, "sequence_number": self.sequence})
@@ -165,13 +167,14 @@ class EventWriter:
                         "delta": function["arguments"]})
             if choice.get("finish_reason") is not None:
                 self.finish = choice["finish_reason"]
+                self.closed = bool(choice.get("output_closed"))
         return out
 
     def end(self, usage: dict[str, Any] | None) -> tuple[bytes, dict[str, Any]]:
         out = self._done()
         if not any(item["type"] in ("message", "function_call") for item in self.output):
             out += self._add("message", message_item(new_id("msg"), "", "in_progress")) + self._done()
-        status, details = finished(self.finish)
+        status, details = finished(self.finish, self.closed)
         final = response(self.base, self.output, status, details, usage)
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return out + self.emit(kind, {"response": final}), final
