@@ -932,10 +932,11 @@ def _quantifier(low: int, high: int | None) -> str:
 
 
 class _Renderer:
-    def __init__(self, rules: dict[str, Node], root: str, names: _Names) -> None:
+    def __init__(self, rules: dict[str, Node], root: str, names: _Names, tokens: dict[str, int]) -> None:
         self.rules = rules
         self.root = root
         self.names = names
+        self.tokens = tokens  # rules written as one token of the vocabulary (``<[id]>``)
         self.shared: dict[Ranges, str] = {}  # long classes written once, as a rule
         self.lines: list[str] = []
         self.done: set[str] = set()
@@ -950,7 +951,10 @@ class _Renderer:
             name = self.todo.popleft()
             self.owner = name
             body = self.rules[name]
-            text = self.chars(body, share=False) if isinstance(body, Chars) else self.alternatives(body)
+            if name in self.tokens:
+                text = f"<[{self.tokens[name]}]>"
+            else:
+                text = self.chars(body, share=False) if isinstance(body, Chars) else self.alternatives(body)
             self.lines.append(f"{name} ::= {text}")
             self.todo.extendleft(reversed(self.found))  # depth first: a rule's new references right after it
             self.found = []
@@ -1022,21 +1026,28 @@ class _Renderer:
 
 # --- entry point ---------------------------------------------------------------------------------------------
 
-_CACHE: dict[tuple[str, str], tuple[bool, str, str | None]] = {}
-"""(``grammar.key``, description) -> (converted, the GBNF or the error message, the error code)."""
+_CACHE: dict[tuple[str, str, tuple[tuple[str, int], ...]], tuple[bool, str, str | None]] = {}
+"""(``grammar.key``, description, special tokens) -> (converted, the GBNF or the error message, the error code)."""
 
 
-def to_gbnf(grammar: Grammar, *, param: str | None = None) -> str:
+def to_gbnf(grammar: Grammar, *, param: str | None = None,
+            token_of: Callable[[str], int | None] | None = None) -> str:
     """``grammar`` in llama.cpp's GBNF (root rule ``root``), accepting exactly the strings it accepts.
+
+    ``token_of`` gives the id of the vocabulary's special token with a text (None: it has none): each of the
+    grammar's :attr:`~.core.Grammar.special` rules is then that token (``<[id]>``, which llama.cpp matches as
+    the token alone, not as its characters); without it, or for a text without a token, the rule is the text.
 
     :raises GrammarError: (code ``constraint_not_supported``, naming ``param``) when GBNF cannot say the same
         thing; see the module docstring for what is converted and what is refused
     """
-    key = (grammar.key, grammar.description)
+    tokens = tuple((rule, token) for rule, text in grammar.special
+                   if token_of is not None and (token := token_of(text)) is not None)
+    key = (grammar.key, grammar.description, tokens)
     cached = _CACHE.get(key)
     if cached is None:
         try:
-            cached = (True, _convert(grammar), None)
+            cached = (True, _convert(grammar, dict(tokens)), None)
         except GrammarError as error:
             cached = (False, error.message, error.code)
         if len(_CACHE) > 256:
@@ -1103,7 +1114,7 @@ def _read(text: str, refuse: Refuse, limit: _RepeatLimit) -> _Converter:
     return converter
 
 
-def _convert(grammar: Grammar) -> str:
+def _convert(grammar: Grammar, tokens: dict[str, int]) -> str:
     description = grammar.description
 
     def refuse(construct: str) -> GrammarError:
@@ -1119,7 +1130,8 @@ def _convert(grammar: Grammar) -> str:
         if recursive is not None:
             raise refuse(f"left recursion (the rule '{recursive}' can start with itself), which llama.cpp "
                          "refuses")
-        text = _Renderer(rules, root, converter.names).render()
+        named = {converter.lark_names[rule]: token for rule, token in tokens.items() if rule in converter.lark_names}
+        text = _Renderer(rules, root, converter.names, named).render()
     if len(text) > MAX_GBNF_CHARS:
         raise GrammarError(f"The {description} is too large for llama.cpp's GBNF: " + over(
             "GBNF size (characters)", len(text), MAX_GBNF_CHARS), code="grammar_too_large")

@@ -91,6 +91,10 @@ class Engine:
         """Whether llama.cpp lets the model write exactly ``text`` and then end (EOS allowed)."""
         tokens = self.tokenize(text)
         assert tokens is not None, f"the vocabulary cannot spell {text!r}"
+        return self.accepts_tokens(gbnf, tokens)
+
+    def accepts_tokens(self, gbnf: str, tokens: list[int]) -> bool:
+        """Whether llama.cpp lets the model write exactly ``tokens`` and then end (EOS allowed)."""
         sampler = self.sampler(gbnf)
         try:
             for token in tokens:
@@ -509,3 +513,20 @@ def test_literal_helper_round_trip(engine: Engine) -> None:
     """Control characters and quotes in literals survive both dialects."""
     text = 'a"b\\c\td\re\x7f\x01'
     check(engine, user_grammar(f"start: {literal(text)}\n"), [text], [text[:-1]])
+
+
+# --- special tokens -----------------------------------------------------------------------------------------
+
+def test_a_special_rule_is_the_token_itself_when_its_id_is_given(engine: Engine) -> None:
+    """With the vocabulary's id of a marker, llama.cpp matches the token alone; without it, any spelling."""
+    builder = GrammarBuilder()
+    grammar = builder.build(f'{builder.special_token("<|im_start|>")} "ok"')
+    marker = engine.tokenize("<|im_start|>")  # plain: its characters
+    assert marker is not None and len(marker) > 1
+    ok = engine.tokenize("ok")
+    as_token = to_gbnf(grammar, token_of={"<|im_start|>": 1}.get)
+    assert "<[1]>" in as_token
+    assert engine.accepts_tokens(as_token, [1, *ok]) and not engine.accepts_tokens(as_token, [*marker, *ok])
+    as_text = to_gbnf(grammar)
+    assert engine.accepts_tokens(as_text, [*marker, *ok])
+    assert to_gbnf(grammar, token_of=lambda text: None) == as_text

@@ -296,6 +296,11 @@ class RemoteBackend(Backend):
         self.tokens.put(key, tokens)
         return list(tokens)
 
+    def _special_token(self, text: str) -> int | None:
+        """The id of the engine's special token with ``text``: one token with special parsing, others without."""
+        special = self._tokenize(text, False, True)
+        return special[0] if len(special) == 1 and self._tokenize(text, False, False) != special else None
+
     def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self.client is not None
         try:
@@ -358,7 +363,7 @@ class RemoteBackend(Backend):
         if found is not None:
             return found
         assert self.kind is not None
-        fields = self.kind.constraint(grammar)
+        fields = self.kind.constraint(grammar, token_of=self._special_token if grammar.special else None)
         self.constraints[grammar.key] = fields
         while len(self.constraints) > 64:
             self.constraints.popitem(last=False)

@@ -18,12 +18,15 @@ openai         none: a constrained request is refused
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from gallama_kernel.plugin import GenerationRequest, Grammar, GrammarError, to_gbnf
 
 FinishReason = Literal["stop", "length"]
+TokenOf = Callable[[str], "int | None"]
+"""The id of the engine's special token with a text, or None."""
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back on (as the llama.cpp backend)
 
 
@@ -78,8 +81,10 @@ class EngineKind(abc.ABC):
     def url(self, path: str) -> str:
         return self.root + path[1:] if path.startswith(":") else self.base + path
 
-    def constraint(self, grammar: Grammar, param: str | None = None) -> dict[str, Any]:
-        """The body fields that make the engine enforce ``grammar``; :class:`GrammarError` when it cannot."""
+    def constraint(self, grammar: Grammar, param: str | None = None, token_of: TokenOf | None = None) -> dict[str, Any]:
+        """The body fields that make the engine enforce ``grammar``; :class:`GrammarError` when it cannot.
+        ``token_of``: the id of the engine's special token with a text (None: there is none), for the grammar's
+        markers that the model writes as one token (``grammar.special``)."""
         raise GrammarError(f"The remote engine kind '{self.name}' cannot enforce output constraints "
                            f"({grammar.description}): configure engine=llama_server, vllm or sglang to use them.",
                            param=param, code="constraint_not_supported")
@@ -133,8 +138,14 @@ class LlamaServer(EngineKind):
     completion_path = ":/completion"
     tokenizes = True
 
-    def constraint(self, grammar: Grammar, param: str | None = None) -> dict[str, Any]:
-        return {"grammar": to_gbnf(grammar, param=param)}
+    def constraint(self, grammar: Grammar, param: str | None = None, token_of: TokenOf | None = None) -> dict[str, Any]:
+        """The GBNF, its markers as their tokens; and the markers as ``preserved_tokens``: llama-server leaves
+        control tokens out of the text it sends unless the request names them."""
+        fields: dict[str, Any] = {"grammar": to_gbnf(grammar, param=param, token_of=token_of)}
+        preserved = [text for _, text in grammar.special if token_of is not None and token_of(text) is not None]
+        if preserved:
+            fields["preserved_tokens"] = preserved
+        return fields
 
     def body(self, request: GenerationRequest, constraint: dict[str, Any]) -> dict[str, Any]:
         sampling = request.sampling
@@ -262,8 +273,10 @@ class Vllm(OpenAICompletions):
     name = "vllm"
     health_path = ":/health"
 
-    def constraint(self, grammar: Grammar, param: str | None = None) -> dict[str, Any]:
-        return {"structured_outputs": {"grammar": grammar.llguidance}}
+    def constraint(self, grammar: Grammar, param: str | None = None, token_of: TokenOf | None = None) -> dict[str, Any]:
+        """llguidance's Lark, its markers as their tokens (``<[id]>``)."""
+        text = grammar.for_vocabulary(token_of) if token_of is not None else grammar.llguidance
+        return {"structured_outputs": {"grammar": text}}
 
     def sampling_fields(self, request: GenerationRequest) -> dict[str, Any]:
         sampling = request.sampling
@@ -283,7 +296,8 @@ class Sglang(OpenAICompletions):
     name = "sglang"
     health_path = ":/health"
 
-    def constraint(self, grammar: Grammar, param: str | None = None) -> dict[str, Any]:
+    def constraint(self, grammar: Grammar, param: str | None = None, token_of: TokenOf | None = None) -> dict[str, Any]:
+        """GBNF with the markers as text (xgrammar's EBNF names no tokens)."""
         return {"ebnf": to_gbnf(grammar, param=param)}
 
     def sampling_fields(self, request: GenerationRequest) -> dict[str, Any]:

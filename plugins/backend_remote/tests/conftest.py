@@ -41,11 +41,11 @@ def llama_server_binary() -> Path | None:
 class LlamaServer:
     """``llama-server`` on a free loopback port, ready to answer; :meth:`stop` ends it by its PID."""
 
-    def __init__(self, binary: Path, log: Path, *args: str) -> None:
+    def __init__(self, binary: Path, log: Path, *args: str, model: Path = GGUF) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [str(binary), "-m", str(GGUF), "--host", "127.0.0.1", "--port", str(self.port),
+        command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                    "-c", str(SLOTS * CONTEXT_PER_SLOT), "-np", str(SLOTS), "-t", "2", "--no-webui", *args]
         with log.open("w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

@@ -3,6 +3,8 @@ cancellation, the engine's cache reported back, API keys, errors in OpenAI's sha
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -154,3 +156,46 @@ def test_artifacts_reach_the_engine_as_gbnf_and_close_at_max_tokens(client, serv
         last = completion.choices[-1]
         assert last.finish_reason != "length" or last.model_extra.get("output_closed") is True, completion
     assert "does not parse" not in server.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def mistral_engine(tmp_path_factory):
+    """llama-server serving the embedded weights under a Mistral-style template whose ``[TOOL_CALLS]`` is a
+    control token (the kernel's test model, ``tests/model_variants.py``)."""
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("llama-server is not built: run `make llama-server` (make test does)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+    try:
+        from model_variants import MISTRAL_STYLE, MISTRAL_TOKENS, write_variant
+    finally:
+        sys.path.pop(0)
+    folder = tmp_path_factory.mktemp("mistral-engine")
+    model = write_variant(folder / "mistral.gguf", MISTRAL_STYLE, MISTRAL_TOKENS)
+    running = LlamaServer(binary, folder / "llama-server.log", model=model)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_a_control_token_marker_comes_back_from_the_engine(mistral_engine, tmp_path):
+    """llama-server leaves control tokens out of its text unless a request names them (``preserved_tokens``):
+    the grammar's markers are named, so ``[TOOL_CALLS]`` comes back and the call is read."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+    with RunningServer(tmp_path, "-id", remote_spec(mistral_engine)) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+        for stream in (False, True):
+            kwargs = {"model": "smollm2", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                      "tools": [weather], "tool_choice": "required", "max_tokens": 60, "temperature": 0}
+            if stream:
+                chunks = list(client.chat.completions.create(**kwargs, stream=True))
+                names = [call.function.name for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []
+                         if call.function and call.function.name]
+                assert names == ["get_weather"], chunks
+            else:
+                reply = client.chat.completions.create(**kwargs)
+                call = reply.choices[0].message.tool_calls[0]
+                assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"]
+        assert "does not parse" not in server.log.read_text()
