@@ -71,6 +71,11 @@ MAX_ERROR_BODY = 8192  # bytes of an engine's error answer read for its message
 CONTROL_CANDIDATE = re.compile(r"<\|?[^\s<>|]{1,40}\|?>|\[/?[A-Z_]{2,30}\]|<<[A-Z]+>>")
 """Text in a chat template that may be a control token (``<|im_start|>``, ``<s>``, ``[INST]``, ``<<SYS>>``): the
 engine's tokenizer decides which are (one token with special parsing, several without)."""
+MARKER_SHAPE = re.compile(r"[<\[].{1,62}[>\]]", re.DOTALL)
+"""What a marker token looks like (``<think>``, ``[TOOL_CALLS]``), as the llama.cpp backend tells them apart."""
+COMMON_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+"""Markers looked for even where the chat template does not write them (an older R1 distill's names only
+``</think>``)."""
 
 
 class RemoteOptions(BaseModel):
@@ -160,6 +165,8 @@ class RemoteBackend(Backend):
         self.local: LocalTokenizer | None = None
         self.constraints: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._controls: frozenset[str] = frozenset()
+        self._markers: frozenset[str] = frozenset()
+        self._marker_at: re.Pattern[str] | None = None
         self._running: dict[str, UpstreamResponse | None] = {}
         self._aborted: set[str] = set()
         self._health: dict[str, object] = {"status": "loading"}
@@ -217,7 +224,10 @@ class RemoteBackend(Backend):
         if self.spec.max_seq_len is not None and self.spec.max_seq_len > self.info.context_length:
             raise BackendError(f"max_seq_len {self.spec.max_seq_len} exceeds the engine's context of "
                                f"{self.info.context_length} tokens per request")
-        self._controls = self._find_control_texts()
+        self._markers = self._find_markers()
+        self._marker_at = re.compile("|".join(re.escape(t) for t in sorted(self._markers, key=len, reverse=True))) \
+            if self._markers else None
+        self._controls = self._find_control_texts() | self._markers
         self._health = {"status": "ok", "engine": opts.engine, "url": opts.url}
         self._watcher = threading.Thread(target=self._watch, name="gallama-remote-health", daemon=True)
         self._watcher.start()
@@ -262,6 +272,19 @@ class RemoteBackend(Backend):
             if len(special) == 1 and self._tokenize(text, False, False) != special:
                 found.add(text)
         return frozenset(found)
+
+    def _find_markers(self) -> frozenset[str]:
+        """Markup-shaped texts (``<think>``, ``<tool_call>``) that the engine's tokenizer reads as one token even
+        in plain text (user-defined tokens, which neither llama.cpp's ``parse_special`` nor the ``tokenizers``
+        library's ``encode_special_tokens`` turns off): client text must have them broken up, or a user message
+        could write a reasoning block or a tool call. The candidates are the local tokenizer's added tokens, or
+        the chat template's markup and the common reasoning markers."""
+        if self.local is not None:
+            candidates = set(self.local.added_texts)
+        else:
+            candidates = set(CONTROL_CANDIDATE.findall(self.info.chat_template or "")) | set(COMMON_MARKERS)
+        return frozenset(text for text in candidates
+                         if MARKER_SHAPE.fullmatch(text) and len(self._tokenize(text, False, False)) == 1)
 
     def _watch(self) -> None:
         """Keep :meth:`health` current: the engine's health endpoint, every few seconds, off the event loop."""
@@ -317,7 +340,19 @@ class RemoteBackend(Backend):
         return self._tokenize(text, add_special, True)
 
     def tokenize_plain(self, text: str, *, add_special: bool = True) -> list[int]:
-        return self._tokenize(text, add_special, False)
+        """Client text as characters: control tokens off, and each marker's first character tokenized apart
+        from the rest (see :meth:`_find_markers`)."""
+        if self._marker_at is None or self._marker_at.search(text) is None:
+            return self._tokenize(text, add_special, False)
+        tokens: list[int] = []
+        at = 0
+        for found in self._marker_at.finditer(text):
+            for piece in (text[at:found.start()], found.group()[:1]):
+                if piece:
+                    tokens += self._tokenize(piece, add_special and not tokens, False)
+            tokens += self.tokenize_plain(found.group()[1:], add_special=False)
+            at = found.end()
+        return tokens + (self._tokenize(text[at:], False, False) if text[at:] else [])
 
     def detokenize(self, tokens: list[int]) -> str:
         if self.local is not None:

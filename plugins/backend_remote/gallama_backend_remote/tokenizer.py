@@ -46,6 +46,8 @@ class LocalTokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         added = self.special.get_added_tokens_decoder()
         self.control_texts = frozenset(token.content for token in added.values() if token.special)
+        self.added_texts = frozenset(token.content for token in added.values() if not token.special)
+        """Added tokens that are not special (``<think>``): ``encode_special_tokens`` leaves them tokens."""
         self.vocab_size = self.special.get_vocab_size(with_added_tokens=True)
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:

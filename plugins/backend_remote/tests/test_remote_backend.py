@@ -159,32 +159,42 @@ def test_artifacts_reach_the_engine_as_gbnf_and_close_at_max_tokens(client, serv
 
 
 @pytest.fixture(scope="module")
-def mistral_engine(tmp_path_factory):
-    """llama-server serving the embedded weights under a Mistral-style template whose ``[TOOL_CALLS]`` is a
-    control token (the kernel's test model, ``tests/model_variants.py``)."""
+def variant_engine(tmp_path_factory):
+    """``variant_engine(name)``: llama-server serving the embedded weights under one of the kernel's test
+    models (``tests/model_variants.py``): ``mistral`` (``[TOOL_CALLS]`` a control token) or ``qwen3``
+    (``<think>`` a user-defined token, which llama.cpp reads as its token even in plain text)."""
     binary = llama_server_binary()
     if binary is None:
         pytest.skip("llama-server is not built: run `make llama-server` (make test does)")
     sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
     try:
-        from model_variants import MISTRAL_STYLE, MISTRAL_TOKENS, write_variant
+        import model_variants as variants
     finally:
         sys.path.pop(0)
-    folder = tmp_path_factory.mktemp("mistral-engine")
-    model = write_variant(folder / "mistral.gguf", MISTRAL_STYLE, MISTRAL_TOKENS)
-    running = LlamaServer(binary, folder / "llama-server.log", model=model)
+    kinds = {"mistral": (variants.MISTRAL_STYLE, variants.MISTRAL_TOKENS),
+             "qwen3": (variants.QWEN3_STYLE, variants.THINK_TOKENS)}
+    started: dict[str, LlamaServer] = {}
+
+    def start(name: str) -> LlamaServer:
+        if name not in started:
+            folder = tmp_path_factory.mktemp(f"{name}-engine")
+            model = variants.write_variant(folder / f"{name}.gguf", *kinds[name])
+            started[name] = LlamaServer(binary, folder / "llama-server.log", model=model)
+        return started[name]
+
     try:
-        yield running
+        yield start
     finally:
-        running.stop()
+        for running in started.values():
+            running.stop()
 
 
-def test_a_control_token_marker_comes_back_from_the_engine(mistral_engine, tmp_path):
+def test_a_control_token_marker_comes_back_from_the_engine(variant_engine, tmp_path):
     """llama-server leaves control tokens out of its text unless a request names them (``preserved_tokens``):
     the grammar's markers are named, so ``[TOOL_CALLS]`` comes back and the call is read."""
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
-    with RunningServer(tmp_path, "-id", remote_spec(mistral_engine)) as server:
+    with RunningServer(tmp_path, "-id", remote_spec(variant_engine("mistral"))) as server:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
         for stream in (False, True):
             kwargs = {"model": "smollm2", "messages": [{"role": "user", "content": "Weather in Paris?"}],
@@ -199,3 +209,26 @@ def test_a_control_token_marker_comes_back_from_the_engine(mistral_engine, tmp_p
                 call = reply.choices[0].message.tool_calls[0]
                 assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"]
         assert "does not parse" not in server.log.read_text()
+
+
+def test_client_text_never_writes_a_user_defined_marker(variant_engine, tmp_path):
+    """llama.cpp reads a user-defined token (``<think>``) even with ``parse_special`` off: in client text the
+    backend breaks it up, so a user cannot open a reasoning block or write a tool call; the template's own
+    ``<think>`` stays the token."""
+    engine = variant_engine("qwen3")
+    plain = httpx.post(f"{engine.url}/tokenize", json={"content": "<think>", "parse_special": False}).json()
+    assert len(plain["tokens"]) == 1, "the engine reads the marker in plain text: what this test guards against"
+    with RunningServer(tmp_path, "-id", remote_spec(engine)) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def prompt_tokens(text: str) -> int:
+            return client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": text}],
+                                                  max_tokens=1, temperature=0,
+                                                  extra_body={"reasoning_effort": "none"}).usage.prompt_tokens
+
+        assert prompt_tokens("Say <think> now") - prompt_tokens("Say  now") >= 2
+        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=30, temperature=0,
+                                               extra_body={"leading_prompt": "<think>\nLet me see."})
+        assert reply.choices[0].message.model_extra.get("reasoning_content")  # the client's opening is trusted
+        assert "<think>" not in (reply.choices[0].message.content or "")

@@ -66,3 +66,18 @@ def test_engine_openai_with_a_local_tokenizer_serves_and_refuses_constraints(tok
                                            response_format={"type": "json_object"})
         assert refused.value.code == "constraint_not_supported"
         assert "openai" in refused.value.message
+
+
+def test_added_tokens_that_are_not_special_are_markers(tokenizer_folder, tmp_path):
+    """``encode_special_tokens`` makes special tokens characters, not other added tokens (``<think>`` in Qwen3
+    and the R1 distills): the backend knows them, to break them up in client text."""
+    data = json.loads((tokenizer_folder / "tokenizer.json").read_text())
+    for entry in data["added_tokens"]:
+        if entry["id"] == 3:
+            entry.update(content="<think>", special=False)
+    data["model"]["vocab"] = {("<think>" if key == "<repo_name>" else key): value
+                              for key, value in data["model"]["vocab"].items()}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    local = LocalTokenizer(str(tmp_path / "tokenizer.json"))
+    assert local.added_texts == {"<think>"} and "<think>" not in local.control_texts
+    assert local.tokenize("a <think> b", False, False).count(3) == 1  # read as the token in plain text
