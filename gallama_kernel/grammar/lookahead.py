@@ -27,10 +27,13 @@ from itertools import pairwise
 from .core import GrammarError
 from .regex import Alt, Chars, Ranges, Repeat, Seq, _intersect, _merge
 
-__all__ = ["MAX_STATES", "text_without"]
+__all__ = ["MAX_STATES", "MAX_WORK", "text_without"]
 
 MAX_STATES = 2_000
 """Most automaton states (and most NFA states) built for one such terminal; a larger one is refused."""
+MAX_WORK = 2_000_000
+"""Most steps (a state's character class against an NFA state it holds) spent on one automaton, so that a
+client's hostile look-ahead is refused in well under a second."""
 
 END = -1
 """The transition target that ends the text (the marker was just read)."""
@@ -133,8 +136,12 @@ def text_without(marker: Node, banned: Node, universe: Ranges, refuse: Refuse) -
     numbers: dict[frozenset[int], int] = {starts: 0}
     order = [starts]
     states: list[tuple[tuple[Ranges, int], ...]] = []
+    work = 0
     while len(states) < len(order):
         current = order[len(states)]
+        work += len(pieces) * len(current)
+        if work > MAX_WORK:
+            raise refuse("a look-ahead pattern too large to read (its automaton takes too long to build)")
         targets: dict[int, list[Ranges]] = {}
         for piece in pieces:
             code = piece[0][0]

@@ -530,3 +530,10 @@ def test_a_special_rule_is_the_token_itself_when_its_id_is_given(engine: Engine)
     as_text = to_gbnf(grammar)
     assert engine.accepts_tokens(as_text, [*marker, *ok])
     assert to_gbnf(grammar, token_of=lambda text: None) == as_text
+
+
+@pytest.mark.parametrize("banned", ["(a|b)*a(a|b){12}", "|".join(f"k{i:03d}[0-9]{{3}}" for i in range(300))])
+def test_text_until_without_a_hostile_pattern_is_refused(banned: str) -> None:
+    """A pattern whose automaton would blow up (2^12 states, or thousands of NFA states) is refused, not built."""
+    grammar = Grammar("start: t\nt: /((?!END|" + banned + ")(.|\\n))*END/\n", "start: t\n" + banned, "hostile")
+    refused(grammar, "too large")
