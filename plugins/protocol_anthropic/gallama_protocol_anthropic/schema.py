@@ -237,6 +237,10 @@ def chat_body(request: CountTokensRequest, fields: Any, native: bool = False) ->
     body: dict[str, Any] = {"model": request.model, "messages": messages}
     prefill = _prefill(request.messages)
     if prefill is not None:  # the answer continues the client's text, which is not returned
+        if isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive):
+            raise InvalidRequest("thinking: a prefill (a last assistant message) cannot be combined with thinking: "
+                                 "the thinking would have to come before text the answer already holds",
+                                 param="thinking")
         messages.pop()
         body["leading_prompt"] = prefill
     if request.tools:
