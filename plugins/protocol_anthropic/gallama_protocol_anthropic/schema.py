@@ -242,6 +242,9 @@ def chat_body(request: CountTokensRequest, fields: Any, native: bool = False) ->
                                  "the thinking would have to come before text the answer already holds",
                                  param="thinking")
         messages.pop()
+        if not any(message["role"] != "system" for message in messages):
+            raise InvalidRequest("messages: a prefill (a last assistant message) needs a user message before it",
+                                 param="messages")
         body["leading_prompt"] = prefill
     if request.tools:
         body["tools"] = [{"type": "function", "function": {"name": tool.name, "parameters": tool.input_schema,

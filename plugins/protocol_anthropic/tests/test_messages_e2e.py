@@ -161,6 +161,8 @@ def test_a_disconnected_stream_frees_its_slot(anthropic_server: RunningServer) -
     ({"model": MODEL, "max_tokens": 2048, "messages": [*ASK, {"role": "assistant", "content": "It is"}],
       "thinking": {"type": "enabled", "budget_tokens": 1024}}, 400, "invalid_request_error",
      "a prefill (a last assistant message) cannot be combined with thinking"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "assistant", "content": "Hello"}]}, 400,
+     "invalid_request_error", "a prefill (a last assistant message) needs a user message before it"),
     ({"model": "missing", "max_tokens": 5, "messages": ASK}, 404, "not_found_error", "'missing' does not exist"),
     ({"model": MODEL, "max_tokens": 10**9, "messages": ASK}, 400, "invalid_request_error", "maximum context length"),
     ([1, 2], 400, "invalid_request_error", "JSON object"),
