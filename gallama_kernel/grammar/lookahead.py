@@ -20,6 +20,7 @@ lead to the same place.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -32,8 +33,8 @@ __all__ = ["MAX_STATES", "MAX_WORK", "text_without"]
 MAX_STATES = 2_000
 """Most automaton states (and most NFA states) built for one such terminal; a larger one is refused."""
 MAX_WORK = 2_000_000
-"""Most steps (a state's character class against an NFA state it holds) spent on one automaton, so that a
-client's hostile look-ahead is refused in well under a second."""
+"""Most steps (an NFA edge followed for one class of characters) spent on one automaton, so that a client's
+hostile look-ahead is refused in about a second at most."""
 
 END = -1
 """The transition target that ends the text (the marker was just read)."""
@@ -133,21 +134,29 @@ def text_without(marker: Node, banned: Node, universe: Ranges, refuse: Refuse) -
     if banned_end in starts:  # Lark and llguidance disagree on what that means
         raise refuse("a look-ahead pattern that matches the empty string")
     pieces = _classes(nfa.edges, universe)
+    firsts = [piece[0][0] for piece in pieces]
+    # each edge as the numbers of the pieces its class holds (the pieces refine every class)
+    covers = [[(_covered(ranges, firsts), target) for ranges, target in outgoing] for outgoing in nfa.edges]
     numbers: dict[frozenset[int], int] = {starts: 0}
     order = [starts]
+    closures: dict[frozenset[int], frozenset[int]] = {}
     states: list[tuple[tuple[Ranges, int], ...]] = []
     work = 0
     while len(states) < len(order):
-        current = order[len(states)]
-        work += len(pieces) * len(current)
+        moved: dict[int, set[int]] = {}
+        for state in order[len(states)]:
+            for covered, target in covers[state]:
+                work += len(covered)
+                for index in covered:
+                    moved.setdefault(index, set()).add(target)
         if work > MAX_WORK:
             raise refuse("a look-ahead pattern too large to read (its automaton takes too long to build)")
-        targets: dict[int, list[Ranges]] = {}
-        for piece in pieces:
-            code = piece[0][0]
-            moved = {target for state in current for ranges, target in nfa.edges[state]
-                     if any(low <= code <= high for low, high in ranges)}
-            reached = nfa.closure(moved)
+        targets: dict[int, list[Ranges]] = {0: [pieces[i] for i in range(len(pieces)) if i not in moved]}
+        for index, reached_from in moved.items():
+            key = frozenset(reached_from)
+            reached = closures.get(key)
+            if reached is None:
+                reached = closures[key] = nfa.closure(set(key))
             if banned_end in reached:
                 continue
             if marker_end in reached:
@@ -160,7 +169,15 @@ def text_without(marker: Node, banned: Node, universe: Ranges, refuse: Refuse) -
                         raise refuse(f"a look-ahead pattern too large to read (over {MAX_STATES} states)")
                     number = numbers[following] = len(order)
                     order.append(following)
-            targets.setdefault(number, []).append(piece)
+            targets.setdefault(number, []).append(pieces[index])
         states.append(tuple((_merge(tuple(r for piece in group for r in piece)), number)
-                            for number, group in targets.items()))
+                            for number, group in targets.items() if group))
     return Automaton(tuple(states))
+
+
+def _covered(ranges: Ranges, firsts: list[int]) -> list[int]:
+    """The numbers of the pieces (first characters ``firsts``, sorted) that the class ``ranges`` holds."""
+    covered: list[int] = []
+    for low, high in ranges:
+        covered.extend(range(bisect_left(firsts, low), bisect_right(firsts, high)))
+    return covered
