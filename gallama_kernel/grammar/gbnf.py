@@ -295,13 +295,6 @@ _LAZY_HEAD = "((?!"
 _LAZY_MIDDLES = (")(.|\\n))*", ")(.|\n))*")  # Lark turns a /…/ literal's \n into a newline
 
 
-def lazy_marker(pattern: str) -> str | None:
-    """The marker ``M`` when ``pattern`` is the look-ahead form of :meth:`.core.GrammarBuilder.text_until`
-    (``((?!M)(.|\\n))*M``, ``M`` a literal), else None."""
-    parts = lazy_parts(pattern)
-    return parts[0] if parts is not None and not parts[1] else None
-
-
 def lazy_parts(pattern: str) -> tuple[str, str] | None:
     """``(M, B)`` when ``pattern`` is text up to the first ``M`` (a literal) holding no match of the regex ``B``:
     ``((?!M|B)(.|\\n))*M`` (the artifact feature's bodies), or ``(M, "")`` for ``text_until``'s

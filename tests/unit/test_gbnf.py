@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gallama_kernel.grammar import GrammarBuilder, GrammarError, user_grammar
 from gallama_kernel.grammar.core import Grammar, literal
-from gallama_kernel.grammar.gbnf import _charset, lazy_marker, lazy_parts, to_gbnf
+from gallama_kernel.grammar.gbnf import _charset, lazy_parts, to_gbnf
 from gallama_kernel.grammar.json_schema import json_object_grammar, json_schema_grammar
 from gallama_kernel.grammar.regex import prefix_grammar, regex_grammar
 from gallama_kernel.grammar.tools import ToolSpec, grammar_for_tools, tool_call_grammar
@@ -284,7 +284,7 @@ def test_tool_calls_after_thinking(engine: Engine) -> None:
 def test_text_until_marker(engine: Engine, marker: str, accepted: list[str], rejected: list[str]) -> None:
     builder = GrammarBuilder()
     grammar = builder.build(builder.text_until(marker))
-    assert lazy_marker(grammar.lark.splitlines()[1].split(": ", 1)[1].strip("/")) == marker
+    assert lazy_parts(grammar.lark.splitlines()[1].split(": ", 1)[1].strip("/")) == (marker, "")
     gbnf = check(engine, grammar, accepted, rejected)
     assert len(gbnf.splitlines()) == len(marker) + 1  # root and one rule per matched prefix
 
